@@ -1,0 +1,288 @@
+//! The TOML configuration shared by the daemons and tools of one node.
+//!
+//! Every field has a default, so an empty file (or none at all at the default path) is a working
+//! configuration; unknown fields are refused so a misspelt option is an error, not a silent no-op. The
+//! documented defaults live in `etc/rmosix.toml`, which a unit test parses so it cannot drift.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::NodeId;
+
+/// Where the configuration is looked for when no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/rmosix/rmosix.toml";
+/// Environment variable naming the configuration file (the test cluster sets it per node).
+pub const CONFIG_ENV: &str = "RMOSIX_CONFIG";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Path of the cluster map (`mosix.map` format).
+    pub map: PathBuf,
+    /// Path of the cluster key: shared secret of all nodes, hex, mode 0600.
+    pub cluster_key: PathBuf,
+    /// This node's id; when absent, the node whose map address is assigned to this host.
+    pub node: Option<NodeId>,
+    /// Information daemon settings.
+    pub infod: InfodConfig,
+    /// How the load is smoothed before it is advertised.
+    pub load: LoadConfig,
+    /// Where the node's resources are measured.
+    pub resources: ResourcesConfig,
+    /// Policy this node advertises to others.
+    pub policy: PolicyConfig,
+}
+
+/// Settings of infod, the information daemon.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InfodConfig {
+    /// UDP port infod listens on at the node's map address, and sends to on its peers.
+    pub port: u16,
+    /// Milliseconds between two measurements and two datagrams sent.
+    pub interval_ms: u64,
+    /// Most entries about other nodes kept in the window.
+    pub window: usize,
+    /// Most window entries carried by one datagram besides the sender's own vector.
+    pub gossip_entries: usize,
+    /// Entries older than this leave the window (milliseconds).
+    pub max_age_ms: u64,
+    /// A node not heard of, directly or through others, for this long is shown as down (milliseconds).
+    pub down_after_ms: u64,
+    /// Datagrams whose send time differs from ours by more than this are dropped as replays (milliseconds).
+    pub max_clock_skew_ms: u64,
+    /// Unix socket for local queries (`mosctl status`, `mosctl best`).
+    pub socket: PathBuf,
+}
+
+/// Decay of the advertised load: the new value is `old * k + sample * (1 - k)`, with `k = rise` when the
+/// sample is above the current load and `k = fall` when it is below. A small `rise` and a large `fall` make
+/// the load rise fast and fall slowly, so a node that just got work stops attracting more at once, and a
+/// briefly idle node does not look free.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadConfig {
+    /// Weight of the old value when the load rises, per interval (0 ≤ rise < 1).
+    pub rise: f64,
+    /// Weight of the old value when the load falls, per interval (0 ≤ fall < 1).
+    pub fall: f64,
+    /// Run-queue samples taken per interval and averaged.
+    pub samples_per_interval: u32,
+}
+
+/// Where the load and memory of the node are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceSource {
+    /// The whole host: `/proc/loadavg`, `/proc/meminfo`, the CPUs infod may run on.
+    Host,
+    /// One cgroup (v1): a simulated node of the local test cluster.
+    Cgroup,
+}
+
+/// Settings of the resource view.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourcesConfig {
+    /// Which view to use.
+    pub source: ResourceSource,
+    /// The cpuset cgroup directory of the node (for `source = "cgroup"`): its CPUs and its tasks.
+    pub cpuset_cgroup: Option<PathBuf>,
+    /// The memory cgroup directory of the node (for `source = "cgroup"`): its limit and usage.
+    pub memory_cgroup: Option<PathBuf>,
+    /// Relative CPU speed; overrides the map's `speed=` for this node.
+    pub speed: Option<f64>,
+}
+
+/// Policy flags the node advertises.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Refuse guest jobs from other nodes.
+    pub block_guests: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            map: PathBuf::from("/etc/rmosix/mosix.map"),
+            cluster_key: PathBuf::from("/etc/rmosix/cluster.key"),
+            node: None,
+            infod: InfodConfig::default(),
+            load: LoadConfig::default(),
+            resources: ResourcesConfig::default(),
+            policy: PolicyConfig::default(),
+        }
+    }
+}
+
+impl Default for InfodConfig {
+    fn default() -> Self {
+        Self {
+            port: 5401,
+            interval_ms: 1000,
+            window: 20,
+            gossip_entries: 20,
+            max_age_ms: 30_000,
+            down_after_ms: 10_000,
+            max_clock_skew_ms: 60_000,
+            socket: PathBuf::from("/run/rmosix/infod.sock"),
+        }
+    }
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        Self { rise: 0.4, fall: 0.85, samples_per_interval: 4 }
+    }
+}
+
+impl Default for ResourcesConfig {
+    fn default() -> Self {
+        Self { source: ResourceSource::Host, cpuset_cgroup: None, memory_cgroup: None, speed: None }
+    }
+}
+
+/// A configuration that can't be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{path}: {field}: {problem}")]
+    Invalid { path: PathBuf, field: &'static str, problem: String },
+}
+
+impl Config {
+    /// Loads the configuration: from `explicit` if given (it must exist), else from `$RMOSIX_CONFIG`, else from
+    /// [`DEFAULT_CONFIG_PATH`] when that file exists, else the built-in defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<(Self, Option<PathBuf>), ConfigError> {
+        let path = explicit
+            .map(Path::to_owned)
+            .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from))
+            .or_else(|| {
+                let default = PathBuf::from(DEFAULT_CONFIG_PATH);
+                default.exists().then_some(default)
+            });
+        match path {
+            None => Ok((Self::default(), None)),
+            Some(path) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                Ok((Self::parse(&text, &path)?, Some(path)))
+            }
+        }
+    }
+
+    /// Parses and validates configuration text; `path` only appears in errors. Relative paths in the file
+    /// are taken relative to the file's directory.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Self = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), source: Box::new(e) })?;
+        if let Some(dir) = path.parent() {
+            for p in [&mut config.map, &mut config.cluster_key, &mut config.infod.socket] {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |field, problem: &str| {
+            Err(ConfigError::Invalid { path: path.to_owned(), field, problem: problem.to_owned() })
+        };
+        let i = &self.infod;
+        if i.interval_ms == 0 {
+            return bad("infod.interval_ms", "must be at least 1");
+        }
+        if i.window == 0 {
+            return bad("infod.window", "must be at least 1");
+        }
+        if i.down_after_ms <= i.interval_ms {
+            return bad("infod.down_after_ms", "must be longer than infod.interval_ms");
+        }
+        if i.max_age_ms < i.down_after_ms {
+            return bad("infod.max_age_ms", "must be at least infod.down_after_ms");
+        }
+        if i.port == 0 {
+            return bad("infod.port", "must not be 0");
+        }
+        for (field, k) in [("load.rise", self.load.rise), ("load.fall", self.load.fall)] {
+            if !(0.0..1.0).contains(&k) {
+                return bad(field, "must be at least 0 and below 1");
+            }
+        }
+        if self.load.samples_per_interval == 0 {
+            return bad("load.samples_per_interval", "must be at least 1");
+        }
+        if let Some(speed) = self.resources.speed
+            && !(speed.is_finite() && speed > 0.0)
+        {
+            return bad("resources.speed", "must be a positive number");
+        }
+        if self.resources.source == ResourceSource::Cgroup
+            && (self.resources.cpuset_cgroup.is_none() || self.resources.memory_cgroup.is_none())
+        {
+            return bad(
+                "resources",
+                "source = \"cgroup\" needs both cpuset_cgroup and memory_cgroup",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", Path::new("/etc/rmosix/rmosix.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn the_documented_example_is_the_defaults() {
+        let text = include_str!("../../etc/rmosix.toml");
+        let c = Config::parse(text, Path::new("/etc/rmosix/rmosix.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = Config::parse("[infod]\nintervall_ms = 5\n", Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `intervall_ms`"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file() {
+        let c = Config::parse("map = \"mosix.map\"\n", Path::new("/srv/n1/rmosix.toml")).unwrap();
+        assert_eq!(c.map, Path::new("/srv/n1/mosix.map"));
+    }
+
+    #[test]
+    fn inconsistent_values_are_refused() {
+        let err = Config::parse("[infod]\ndown_after_ms = 500\n", Path::new("x.toml")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "x.toml: infod.down_after_ms: must be longer than infod.interval_ms"
+        );
+        assert!(Config::parse("[load]\nrise = 1.0\n", Path::new("x")).is_err());
+        assert!(Config::parse("[resources]\nsource = \"cgroup\"\n", Path::new("x")).is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! Types every rmosix component agrees on: the cluster map (`mosix.map`), the TOML configuration, the
+//! load vector and its decay, the authenticated datagram format spoken between infod daemons, the cluster
+//! key, and the local query protocol between infod and the command-line tools.
+//!
+//! Nothing here touches the network or the host: these are pure data types and codecs, so they are tested
+//! without root and reused unchanged by the daemons, the tools and the simulations.
+
+pub mod config;
+pub mod key;
+pub mod load;
+pub mod map;
+pub mod query;
+pub mod wire;
+
+pub use map::NodeId;

@@ -1,0 +1,3 @@
+//! eBPF probes (C, CO-RE, loaded with aya) that classify processes as CPU-bound or I/O-bound for migd.
+//!
+//! Nothing is implemented yet.

@@ -1,0 +1,84 @@
+//! `mosctl`: node administration and cluster status.
+//!
+//! Exit codes: 0 success; 1 failure (infod unreachable, bad arguments to the daemon, I/O error);
+//! 2 bad command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use rmosix_common::key::ClusterKey;
+use rmosix_common::query::{Request, Response, ask};
+use rmosix_mosctl::{infod_socket, status_json, status_table};
+
+/// Administer an rmosix node and look at the cluster.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (default: $RMOSIX_CONFIG, else /etc/rmosix/rmosix.toml).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// infod's query socket (default: $RMOSIX_INFOD_SOCKET, else the configuration's infod.socket).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show every node of the cluster as this node sees it.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the id of the best node for a new job.
+    Best {
+        /// Memory the job needs, in MiB; nodes with less free memory are passed over.
+        #[arg(long, short, default_value_t = 0)]
+        mem: u64,
+    },
+    /// Write a new random cluster key to FILE (mode 0600); copy it to every node.
+    Genkey { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mosctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let socket = || infod_socket(args.socket.as_deref(), args.config.as_deref());
+    match args.command {
+        Command::Status { json } => {
+            let Response::View(view) = ask(&socket()?, &Request::View)? else {
+                bail!("infod answered a status request with something else");
+            };
+            if json {
+                println!("{}", status_json(&view));
+            } else {
+                print!("{}", status_table(&view));
+            }
+        }
+        Command::Best { mem } => {
+            let mem_bytes = mem.checked_mul(1 << 20).context("--mem is too large")?;
+            let Response::Best { node } = ask(&socket()?, &Request::Best { mem_bytes })? else {
+                bail!("infod answered a best-node request with something else");
+            };
+            println!("{node}");
+        }
+        Command::Genkey { file } => {
+            ClusterKey::generate().write_new(&file)?;
+            println!("wrote a new cluster key to {}", file.display());
+        }
+    }
+    Ok(())
+}
