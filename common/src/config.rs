@@ -193,7 +193,7 @@ impl Config {
         if let Some(dir) = path.parent() {
             for p in [&mut config.map, &mut config.cluster_key, &mut config.infod.socket] {
                 if p.is_relative() {
-                    *p = dir.join(&*p);
+                    *p = normalize(&dir.join(&*p));
                 }
             }
         }
@@ -246,6 +246,23 @@ impl Config {
     }
 }
 
+/// Removes `.` and `name/..` from a path without touching the file system, so error messages show
+/// `/srv/mosix.map`, not `/srv/node1/../mosix.map`.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +290,8 @@ mod tests {
     fn relative_paths_follow_the_file() {
         let c = Config::parse("map = \"mosix.map\"\n", Path::new("/srv/n1/rmosix.toml")).unwrap();
         assert_eq!(c.map, Path::new("/srv/n1/mosix.map"));
+        let c = Config::parse("map = \"../x/./mosix.map\"\n", Path::new("/srv/n1/rmosix.toml")).unwrap();
+        assert_eq!(c.map, Path::new("/srv/x/mosix.map"));
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub enum MapErrorKind {
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
     #[error("{path}:{line}: {kind}")]
-    Line { path: PathBuf, line: usize, #[source] kind: MapErrorKind },
+    Line { path: PathBuf, line: usize, kind: MapErrorKind },
     #[error("{path}: the map lists no nodes")]
     Empty { path: PathBuf },
     #[error("cannot read cluster map {path}: {source}")]

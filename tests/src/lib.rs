@@ -1,1 +1,566 @@
-//! placeholder
+//! A real rmosix cluster on one machine, for the integration tests and the demo.
+//!
+//! Each node is a network namespace (`rmx-<cluster>-<i>`) joined to the others by a bridge, with its own
+//! address `10.213.0.<i>`, its own cgroups (a cpuset sharing out the machine's cores, a memory limit), and its
+//! own configuration under `/run/rmosix-cluster/<cluster>/node<i>/`; the daemons run inside it. The nodes
+//! share a generated `mosix.map` and cluster key. Nothing is mocked: the daemons talk real UDP over real veth
+//! links, and each sees only its own cgroup's load.
+//!
+//! Several clusters (with different names) can exist at once; every name owns its own namespaces, bridge and
+//! cgroups, so tests run in parallel. A [`Cluster`] removes everything it made when dropped, unless
+//! [`Cluster::keep`] is called (the `cargo xtask cluster up` case); `up` first removes whatever a crashed
+//! run of the same name left behind.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use rmosix_common::key::ClusterKey;
+use rmosix_common::query::{self, ClusterView, Request, Response};
+
+/// Where cluster state lives.
+pub const STATE_ROOT: &str = "/run/rmosix-cluster";
+/// The first three octets of every node address; node `i` is `10.213.0.i`. Each cluster has its own bridge
+/// and namespaces, so clusters do not see each other even though they share the range.
+pub const SUBNET: [u8; 3] = [10, 213, 0];
+/// infod's port inside the cluster.
+pub const INFOD_PORT: u16 = 5401;
+
+const CPUSET_ROOT: &str = "/sys/fs/cgroup/cpuset";
+const MEMORY_ROOT: &str = "/sys/fs/cgroup/memory";
+
+/// How to build a cluster.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Short name (1 to 8 of `a-z0-9`): part of every namespace, link and cgroup name.
+    pub name: String,
+    /// Number of nodes (1 to 200).
+    pub nodes: u32,
+    /// Memory limit of each node, bytes.
+    pub mem_limit: u64,
+    /// Directory holding the built `infod` (and the other binaries, put first on PATH for `exec`).
+    pub bin_dir: PathBuf,
+}
+
+impl Spec {
+    /// A cluster of `nodes` nodes called `name`, 4 GiB each, binaries from `bin_dir`.
+    pub fn new(name: &str, nodes: u32, bin_dir: PathBuf) -> Self {
+        Self { name: name.to_owned(), nodes, mem_limit: 4 << 30, bin_dir }
+    }
+}
+
+/// A running local cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    spec: Spec,
+    dir: PathBuf,
+    keep: bool,
+    outsider: bool,
+}
+
+/// The directory holding this test binary's sibling binaries (`target/<profile>`), for tests.
+pub fn bin_dir_of_current_test() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("exe dir");
+    if deps.file_name().is_some_and(|n| n == "deps") {
+        deps.parent().expect("profile dir").to_owned()
+    } else {
+        deps.to_owned()
+    }
+}
+
+/// Fails, loudly and with what is missing, when this machine can't host a test cluster.
+pub fn check_prerequisites(bin_dir: &Path) -> anyhow::Result<()> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the local test cluster needs root (network namespaces, cgroups); run `sudo cargo xtask test`"
+    );
+    ensure!(
+        Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success()),
+        "`ip` (iproute2) is missing: run `cargo xtask setup`"
+    );
+    for (dir, what) in [(CPUSET_ROOT, "cpuset"), (MEMORY_ROOT, "memory")] {
+        ensure!(
+            Path::new(dir).join("cgroup.procs").exists(),
+            "the cgroup-v1 {what} controller is not mounted at {dir}"
+        );
+    }
+    let infod = bin_dir.join("infod");
+    ensure!(infod.exists(), "{} is missing: build the workspace first (`cargo build --workspace`)", infod.display());
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot run {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+/// Expands a cpuset list such as `0-3,8` into CPU numbers.
+fn expand_cpus(list: &str) -> Vec<u32> {
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
+                    cpus.extend(a..=b);
+                }
+            }
+            None => cpus.extend(part.parse::<u32>().ok()),
+        }
+    }
+    cpus
+}
+
+/// CPUs given to node `i` (1-based) of `nodes`: an even share when there are more CPUs than nodes, else the
+/// nodes take turns on the CPUs.
+fn node_cpus(all: &[u32], nodes: u32, i: u32) -> String {
+    let n = all.len();
+    let nodes = nodes as usize;
+    let i = i as usize - 1;
+    let chosen: Vec<u32> = if n >= nodes {
+        let share = n / nodes;
+        all[i * share..(i + 1) * share].to_vec()
+    } else {
+        vec![all[i % n]]
+    };
+    chosen.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+impl Cluster {
+    /// Builds and starts a cluster, replacing any leftover of one with the same name.
+    pub fn up(spec: Spec) -> anyhow::Result<Self> {
+        ensure!(
+            !spec.name.is_empty()
+                && spec.name.len() <= 8
+                && spec.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "cluster name {:?} must be 1 to 8 of a-z0-9",
+            spec.name
+        );
+        ensure!((1..=200).contains(&spec.nodes), "a local cluster has 1 to 200 nodes");
+        check_prerequisites(&spec.bin_dir)?;
+        Self::remove(&spec.name)?;
+        let dir = Path::new(STATE_ROOT).join(&spec.name);
+        let cluster = Self { spec, dir, keep: false, outsider: false };
+        cluster.build().with_context(|| format!("cannot build cluster {}", cluster.spec.name))?;
+        for node in cluster.node_ids() {
+            cluster.start_infod(node)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Attaches to a cluster made earlier (by `cargo xtask cluster up`); it is kept when dropped.
+    pub fn attach(name: &str) -> anyhow::Result<Self> {
+        let dir = Path::new(STATE_ROOT).join(name);
+        let text = std::fs::read_to_string(dir.join("cluster.json"))
+            .with_context(|| format!("no cluster {name:?} is up (try `cargo xtask cluster up`)"))?;
+        let v: serde_json::Value = serde_json::from_str(&text).context("corrupt cluster.json")?;
+        let spec = Spec {
+            name: name.to_owned(),
+            nodes: v["nodes"].as_u64().and_then(|n| u32::try_from(n).ok()).context("cluster.json: nodes")?,
+            mem_limit: v["mem_limit"].as_u64().context("cluster.json: mem_limit")?,
+            bin_dir: PathBuf::from(v["bin_dir"].as_str().context("cluster.json: bin_dir")?),
+        };
+        Ok(Self { spec, dir, keep: true, outsider: false })
+    }
+
+    /// Leaves the cluster running when this value is dropped.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// The node ids, 1 to N.
+    pub fn node_ids(&self) -> std::ops::RangeInclusive<u32> {
+        1..=self.spec.nodes
+    }
+
+    /// The cluster's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Directory of the cluster's state (map, key, per-node configuration and logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Address of node `i`.
+    pub fn addr(&self, i: u32) -> Ipv4Addr {
+        Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], u8::try_from(i).expect("at most 200 nodes"))
+    }
+
+    /// Network namespace name of node `i`.
+    pub fn netns(&self, i: u32) -> String {
+        format!("rmx-{}-{i}", self.spec.name)
+    }
+
+    /// State directory of node `i`.
+    pub fn node_dir(&self, i: u32) -> PathBuf {
+        self.dir.join(format!("node{i}"))
+    }
+
+    /// infod's query socket on node `i`.
+    pub fn infod_socket(&self, i: u32) -> PathBuf {
+        self.node_dir(i).join("infod.sock")
+    }
+
+    /// Configuration file of node `i`.
+    pub fn config(&self, i: u32) -> PathBuf {
+        self.node_dir(i).join("rmosix.toml")
+    }
+
+    /// The cluster key file.
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("cluster.key")
+    }
+
+    fn cgroup_dirs(name: &str, i: Option<u32>) -> [PathBuf; 2] {
+        let leaf = |root: &str| {
+            let base = Path::new(root).join(format!("rmosix-{name}"));
+            match i {
+                Some(i) => base.join(format!("node{i}")),
+                None => base,
+            }
+        };
+        [leaf(CPUSET_ROOT), leaf(MEMORY_ROOT)]
+    }
+
+    /// cpuset and memory cgroup directories of node `i`.
+    pub fn cgroups(&self, i: u32) -> [PathBuf; 2] {
+        Self::cgroup_dirs(&self.spec.name, Some(i))
+    }
+
+    fn bridge(name: &str) -> String {
+        format!("rmx-{name}")
+    }
+
+    fn build(&self) -> anyhow::Result<()> {
+        let name = &self.spec.name;
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::set_permissions(&self.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+
+        // cgroups: a parent per controller, then one child per node.
+        let all_cpus = expand_cpus(&std::fs::read_to_string(Path::new(CPUSET_ROOT).join("cpuset.cpus"))?);
+        let mems = std::fs::read_to_string(Path::new(CPUSET_ROOT).join("cpuset.mems"))?;
+        ensure!(!all_cpus.is_empty(), "no CPUs in the root cpuset");
+        let [cpuset_parent, memory_parent] = Self::cgroup_dirs(name, None);
+        std::fs::create_dir_all(&cpuset_parent)?;
+        std::fs::write(cpuset_parent.join("cpuset.cpus"), all_cpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(","))?;
+        std::fs::write(cpuset_parent.join("cpuset.mems"), mems.trim())?;
+        std::fs::create_dir_all(&memory_parent)?;
+        // Limits of child cgroups count against the parent only with hierarchy on (the default on recent kernels).
+        let _ = std::fs::write(memory_parent.join("memory.use_hierarchy"), "1");
+
+        ip(&["link", "add", &Self::bridge(name), "type", "bridge"])?;
+        ip(&["link", "set", &Self::bridge(name), "up"])?;
+
+        let mut map = String::from("# generated by the rmosix test cluster\n");
+        for i in self.node_ids() {
+            let [cpuset, memory] = self.cgroups(i);
+            std::fs::create_dir_all(&cpuset)?;
+            std::fs::write(cpuset.join("cpuset.cpus"), node_cpus(&all_cpus, self.spec.nodes, i))?;
+            std::fs::write(cpuset.join("cpuset.mems"), mems.trim())?;
+            std::fs::create_dir_all(&memory)?;
+            std::fs::write(memory.join("memory.limit_in_bytes"), self.spec.mem_limit.to_string())?;
+
+            self.add_host_link(&self.netns(i), &format!("rx-{name}-{i}"), self.addr(i))?;
+            writeln!(map, "{i} {} 1", self.addr(i))?;
+
+            let node_dir = self.node_dir(i);
+            std::fs::create_dir_all(&node_dir)?;
+            let config = format!(
+                "# node {i} of the local test cluster {name}\n\
+                 map = \"../mosix.map\"\n\
+                 cluster_key = \"../cluster.key\"\n\
+                 node = {i}\n\n\
+                 [infod]\n\
+                 port = {INFOD_PORT}\n\
+                 socket = \"infod.sock\"\n\n\
+                 [resources]\n\
+                 source = \"cgroup\"\n\
+                 cpuset_cgroup = \"{}\"\n\
+                 memory_cgroup = \"{}\"\n",
+                cpuset.display(),
+                memory.display(),
+            );
+            std::fs::write(self.config(i), config)?;
+        }
+        std::fs::write(self.dir.join("mosix.map"), map)?;
+        ClusterKey::generate().write_new(&self.key_path())?;
+        let meta = serde_json::json!({
+            "name": name,
+            "nodes": self.spec.nodes,
+            "mem_limit": self.spec.mem_limit,
+            "bin_dir": self.spec.bin_dir,
+        });
+        std::fs::write(self.dir.join("cluster.json"), meta.to_string())?;
+        Ok(())
+    }
+
+    /// A namespace `netns` linked to the bridge by a veth pair whose host end is `host_if`, with `addr`.
+    fn add_host_link(&self, netns: &str, host_if: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+        ip(&["netns", "add", netns])?;
+        ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", netns])?;
+        ip(&["link", "set", host_if, "master", &Self::bridge(&self.spec.name)])?;
+        ip(&["link", "set", host_if, "up"])?;
+        let cidr = format!("{addr}/24");
+        ip(&["-n", netns, "addr", "add", &cidr, "dev", "eth0"])?;
+        ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", netns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// A namespace outside the cluster map but on its bridge (address `10.213.0.250`), for tests that play a
+    /// stranger. Removed with the cluster.
+    pub fn outsider(&mut self) -> anyhow::Result<(String, Ipv4Addr)> {
+        let netns = format!("rmx-{}-x", self.spec.name);
+        let addr = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], 250);
+        if !self.outsider {
+            self.add_host_link(&netns, &format!("rx-{}-x", self.spec.name), addr)?;
+            self.outsider = true;
+        }
+        Ok((netns, addr))
+    }
+
+    /// A command that will run on node `i`: in its network namespace and cgroups, with the node's
+    /// configuration and socket paths in the environment and the workspace's binaries first on PATH.
+    pub fn command(&self, i: u32, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        ensure!(self.node_ids().contains(&i), "cluster {} has no node {i}", self.spec.name);
+        let netns = File::open(Path::new("/run/netns").join(self.netns(i)))
+            .with_context(|| format!("node {i} of cluster {} is not up", self.spec.name))?;
+        let [cpuset, memory] = self.cgroups(i);
+        let procs = [cpuset.join("cgroup.procs"), memory.join("cgroup.procs")]
+            .into_iter()
+            .map(|p| std::fs::OpenOptions::new().write(true).open(&p).with_context(|| format!("cannot open {}", p.display())))
+            .collect::<anyhow::Result<Vec<File>>>()?;
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut search = std::ffi::OsString::from(self.spec.bin_dir.as_os_str());
+        search.push(":");
+        search.push(path);
+        let mut cmd = Command::new(program);
+        cmd.env("PATH", search)
+            .env(rmosix_common::config::CONFIG_ENV, self.config(i))
+            .env(query::SOCKET_ENV, self.infod_socket(i))
+            .env("RMOSIX_NODE", i.to_string());
+        // SAFETY: only async-signal-safe calls (setns, write) on descriptors opened before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for f in &procs {
+                    // "0" moves the writing process itself.
+                    if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    fn infod_pid_file(&self, i: u32) -> PathBuf {
+        self.node_dir(i).join("infod.pid")
+    }
+
+    /// Starts infod on node `i`, in its own session (so a terminal's Ctrl-C does not reach it), logging to
+    /// `node<i>/infod.log`, and waits until it answers on its socket.
+    pub fn start_infod(&self, i: u32) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.node_dir(i).join("infod.log"))?;
+        let mut cmd = self.command(i, self.spec.bin_dir.join("infod"))?;
+        cmd.arg("--config").arg(self.config(i)).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.process_group(0);
+        let child = cmd.spawn().with_context(|| format!("cannot start infod on node {i}"))?;
+        std::fs::write(self.infod_pid_file(i), child.id().to_string())?;
+        // The child is not waited for here: a test that stops infod reaps it through `stop_infod`, and a
+        // daemon outliving `cargo xtask cluster up` is meant to.
+        std::mem::forget(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if query::ask(&self.infod_socket(i), &Request::View).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.node_dir(i).join("infod.log")).unwrap_or_default();
+                bail!("infod on node {i} did not come up within 10 s; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops infod on node `i` with SIGKILL (a crash, as far as the rest of the cluster can tell).
+    pub fn kill_infod(&self, i: u32) -> anyhow::Result<()> {
+        let pid: i32 = std::fs::read_to_string(self.infod_pid_file(i))?.trim().parse()?;
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
+            .with_context(|| format!("cannot kill infod {pid} on node {i}"))?;
+        // Reap it if it is our child; if not, it is someone else's to reap.
+        let _ = nix::sys::wait::waitpid(pid, None);
+        std::fs::remove_file(self.infod_pid_file(i))?;
+        Ok(())
+    }
+
+    /// Node `i`'s view of the cluster, through its infod socket.
+    pub fn view(&self, i: u32) -> anyhow::Result<ClusterView> {
+        match query::ask(&self.infod_socket(i), &Request::View)? {
+            Response::View(v) => Ok(v),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// Polls until `check` holds for every node's view, or `timeout` passes; returns the time it took.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut check: impl FnMut(u32, &ClusterView) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let mut last = Vec::new();
+        loop {
+            last.clear();
+            let mut all = true;
+            for i in self.node_ids() {
+                let view = self.view(i)?;
+                if !check(i, &view) {
+                    all = false;
+                }
+                last.push(view);
+            }
+            if all {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!("{what}: not reached within {timeout:?}; last views: {last:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Removes everything a cluster of this name made: processes, namespaces, links, cgroups, state.
+    pub fn remove(name: &str) -> anyhow::Result<()> {
+        let [cpuset_parent, memory_parent] = Self::cgroup_dirs(name, None);
+        // Processes first: every task of every node cgroup.
+        for parent in [&cpuset_parent, &memory_parent] {
+            let Ok(entries) = std::fs::read_dir(parent) else { continue };
+            let children: Vec<PathBuf> =
+                entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+            for child in &children {
+                kill_cgroup(child)?;
+            }
+            for child in &children {
+                remove_cgroup(child)?;
+            }
+            remove_cgroup(parent)?;
+        }
+        let prefix = format!("rmx-{name}-");
+        if let Ok(entries) = std::fs::read_dir("/run/netns") {
+            for e in entries.filter_map(Result::ok) {
+                let ns = e.file_name().to_string_lossy().into_owned();
+                if ns.strip_prefix(&prefix).is_some_and(|rest| rest == "x" || rest.parse::<u32>().is_ok()) {
+                    // Deleting the namespace deletes its veth end, and with it the host end.
+                    ip(&["netns", "delete", &ns])?;
+                }
+            }
+        }
+        let bridge = Self::bridge(name);
+        if Path::new("/sys/class/net").join(&bridge).exists() {
+            ip(&["link", "delete", &bridge])?;
+        }
+        let dir = Path::new(STATE_ROOT).join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Names of the clusters that are up.
+    pub fn list() -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(STATE_ROOT)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+fn kill_cgroup(dir: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        for pid in pids {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            // Reap our own children; others are reaped by their parents.
+            let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        }
+        ensure!(Instant::now() < deadline, "processes in {} survive SIGKILL", dir.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn remove_cgroup(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            // Busy while the last killed tasks finish exiting.
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot remove cgroup {}", dir.display())),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.keep
+            && let Err(e) = Self::remove(&self.spec.name)
+        {
+            eprintln!("cannot remove cluster {}: {e:#}", self.spec.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpus_are_shared_out() {
+        assert_eq!(expand_cpus("0-1\n"), [0, 1]);
+        assert_eq!(expand_cpus("0-2,5"), [0, 1, 2, 5]);
+        let two = [0, 1];
+        let picks: Vec<String> = (1..=4).map(|i| node_cpus(&two, 4, i)).collect();
+        assert_eq!(picks, ["0", "1", "0", "1"]);
+        let eight: Vec<u32> = (0..8).collect();
+        assert_eq!(node_cpus(&eight, 2, 2), "4,5,6,7");
+        assert_eq!(node_cpus(&eight, 3, 3), "4,5");
+    }
+}
