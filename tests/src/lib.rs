@@ -429,6 +429,18 @@ impl Cluster {
         &self,
         timeout: Duration,
         what: &str,
+        check: impl FnMut(u32, &ClusterView) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let all: Vec<u32> = self.node_ids().collect();
+        self.wait_for_nodes(&all, timeout, what, check)
+    }
+
+    /// Polls until `check` holds for the views of `nodes`, or `timeout` passes; returns the time it took.
+    pub fn wait_for_nodes(
+        &self,
+        nodes: &[u32],
+        timeout: Duration,
+        what: &str,
         mut check: impl FnMut(u32, &ClusterView) -> bool,
     ) -> anyhow::Result<Duration> {
         let start = Instant::now();
@@ -436,7 +448,7 @@ impl Cluster {
         loop {
             last.clear();
             let mut all = true;
-            for i in self.node_ids() {
+            for &i in nodes {
                 let view = self.view(i)?;
                 if !check(i, &view) {
                     all = false;

@@ -1,23 +1,83 @@
 //! Project automation: `cargo xtask setup | test | demo | cluster ... | bench ...`.
+//!
+//! Exit status: 0 on success, 1 on any failure (the error is printed), and for `cluster exec` the status
+//! of the command run on the node.
 
 mod bench_gossip;
+mod demo;
+mod setup;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, ensure};
 use clap::{Args, Parser, Subcommand};
+use rmosix_testcluster::{Cluster, Spec};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+enum Cmd {
+    /// Install every prerequisite (Debian packages); safe to run again.
+    Setup,
+    /// Set up, build, and run every test: unit, integration, and the privileged multi-node tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, start a local 4-node cluster, and show the cluster spreading load information.
+    Demo(demo::DemoArgs),
+    /// The local test cluster: nodes in network namespaces with their own cgroups and daemons.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
     /// Benchmarks; each ends with one line `NAME: <figure> (target <target>)` and updates BENCHMARKS.md.
     Bench {
         #[command(subcommand)]
         bench: Bench,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCmd {
+    /// Build the workspace and start a cluster (replacing a leftover one of the same name).
+    Up {
+        /// Number of nodes.
+        #[arg(long, short, default_value_t = 4)]
+        nodes: u32,
+        /// Cluster name (1 to 8 of a-z0-9).
+        #[arg(long, default_value = "local")]
+        name: String,
+        /// Memory limit of each node, MiB.
+        #[arg(long, default_value_t = 4096)]
+        mem_mb: u64,
+    },
+    /// Stop a cluster and remove everything it made.
+    Down {
+        /// Cluster name.
+        #[arg(long, default_value = "local")]
+        name: String,
+    },
+    /// Run a command on node NODE (its namespace, cgroups and daemon sockets; fresh binaries first on PATH).
+    Exec {
+        /// Cluster name.
+        #[arg(long, default_value = "local")]
+        name: String,
+        /// Node id.
+        node: u32,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List the clusters that are up.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,8 +100,85 @@ pub struct GossipBenchArgs {
     pub no_write: bool,
 }
 
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_owned()
+}
+
+/// Where cargo puts the debug binaries.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from).join("debug")
+}
+
+/// A `cargo` command run in the workspace root.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// Builds every binary of the workspace (debug).
+pub fn build() -> anyhow::Result<()> {
+    let status = cargo().args(["build", "--quiet", "--workspace", "--bins"]).status().context("cannot run cargo")?;
+    ensure!(status.success(), "cargo build failed ({status})");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Bench { bench: Bench::Gossip(args) } => bench_gossip::run(&args),
+        Cmd::Setup => setup::run(),
+        Cmd::Test { args } => {
+            setup::run()?;
+            build()?;
+            let status = cargo()
+                .args(["test", "--workspace", "--no-fail-fast"])
+                .arg("--")
+                .args(&args)
+                .status()
+                .context("cannot run cargo")?;
+            ensure!(status.success(), "tests failed ({status})");
+            Ok(())
+        }
+        Cmd::Demo(args) => demo::run(&args),
+        Cmd::Cluster { command } => cluster(command),
+        Cmd::Bench { bench: Bench::Gossip(args) } => bench_gossip::run(&args),
+    }
+}
+
+fn cluster(command: ClusterCmd) -> anyhow::Result<()> {
+    match command {
+        ClusterCmd::Up { nodes, name, mem_mb } => {
+            build()?;
+            let mut spec = Spec::new(&name, nodes, bin_dir());
+            spec.mem_limit = mem_mb << 20;
+            let mut cluster = Cluster::up(spec)?;
+            cluster.keep();
+            println!(
+                "cluster {name} is up: {nodes} nodes, 10.213.0.1 ... 10.213.0.{nodes}, state in {}",
+                cluster.dir().display()
+            );
+            println!("try: cargo xtask cluster exec --name {name} 1 -- mosctl status");
+            Ok(())
+        }
+        ClusterCmd::Down { name } => {
+            Cluster::remove(&name)?;
+            println!("cluster {name} is down");
+            Ok(())
+        }
+        ClusterCmd::Exec { name, node, command } => {
+            build()?;
+            let cluster = Cluster::attach(&name)?;
+            let mut cmd = cluster.command(node, &command[0])?;
+            cmd.args(&command[1..]);
+            // Replace this process: stdin, stdout, stderr and the exit status are the command's own.
+            let err = std::os::unix::process::CommandExt::exec(&mut cmd);
+            Err(err).with_context(|| format!("cannot run {:?} on node {node}", command[0]))
+        }
+        ClusterCmd::List => {
+            for name in Cluster::list() {
+                println!("{name}");
+            }
+            Ok(())
+        }
     }
 }

@@ -1,0 +1,97 @@
+//! `cargo xtask demo`: the main job on the built-in default, a local 4-node cluster on this machine.
+//!
+//! It starts the cluster, waits until every node knows every other, puts a CPU hog on node 2 and shows node
+//! 4 noticing it and steering new work elsewhere, kills node 3's infod and shows the cluster marking it down,
+//! then brings it back.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use rmosix_testcluster::{Cluster, Spec};
+
+/// Options of `cargo xtask demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of nodes.
+    #[arg(long, short, default_value_t = 4)]
+    nodes: u32,
+    /// Leave the cluster running afterwards (as cluster "demo"; stop it with `cargo xtask cluster down --name demo`).
+    #[arg(long)]
+    keep: bool,
+}
+
+fn step(start: Instant, text: &str) {
+    println!("\n[{:5.1}s] {text}", start.elapsed().as_secs_f64());
+}
+
+fn mosctl(cluster: &Cluster, node: u32, args: &[&str]) -> anyhow::Result<String> {
+    let out = cluster.command(node, "mosctl")?.args(args).output().context("cannot run mosctl")?;
+    anyhow::ensure!(out.status.success(), "mosctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs the demo.
+pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.nodes >= 4, "the demo needs at least 4 nodes");
+    crate::setup::run()?;
+    crate::build()?;
+    let start = Instant::now();
+    step(start, &format!("starting a {}-node cluster (network namespaces 10.213.0.1 ...)", args.nodes));
+    let mut cluster = Cluster::up(Spec::new("demo", args.nodes, crate::bin_dir()))?;
+    if args.keep {
+        cluster.keep();
+    }
+    let took = cluster.wait_for(Duration::from_secs(15), "every node knows every node", |_, v| {
+        v.nodes.iter().all(|n| n.alive && n.load.is_some())
+    })?;
+    step(start, &format!("every node knows every other node's load after {:.1}s; node 1 sees:", took.as_secs_f64()));
+    print!("{}", mosctl(&cluster, 1, &["status"])?);
+
+    step(start, "starting two CPU-bound loops on node 2");
+    let mut hogs = Vec::new();
+    for _ in 0..2 {
+        hogs.push(
+            cluster
+                .command(2, "sh")?
+                .args(["-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .spawn()
+                .context("cannot start the CPU hog")?,
+        );
+    }
+    let took = cluster.wait_for(Duration::from_secs(20), "node 4 sees node 2 busy", |i, v| {
+        i != 4 || v.nodes.iter().any(|n| n.id == 2 && n.load.is_some_and(|l| l > 1.5))
+    })?;
+    step(start, &format!("node 4 saw node 2's load rise after {:.1}s; node 4 sees:", took.as_secs_f64()));
+    print!("{}", mosctl(&cluster, 4, &["status"])?);
+    let picks: Vec<String> =
+        (0..4).map(|_| mosctl(&cluster, 4, &["best"]).map(|s| s.trim().to_owned())).collect::<Result<_, _>>()?;
+    println!("`mosctl best` on node 4, four times in a row (spreading, avoiding node 2): {}", picks.join(" "));
+    for mut hog in hogs {
+        let _ = hog.kill();
+        let _ = hog.wait();
+    }
+
+    step(start, "killing node 3's infod");
+    cluster.kill_infod(3)?;
+    let others: Vec<u32> = cluster.node_ids().filter(|&i| i != 3).collect();
+    let took = cluster.wait_for_nodes(&others, Duration::from_secs(20), "node 3 down everywhere", |_, v| {
+        v.nodes.iter().any(|n| n.id == 3 && !n.alive)
+    })?;
+    step(start, &format!("node 3 is down everywhere after {:.1}s; node 1 sees:", took.as_secs_f64()));
+    print!("{}", mosctl(&cluster, 1, &["status"])?);
+
+    step(start, "restarting node 3's infod");
+    cluster.start_infod(3)?;
+    let took = cluster.wait_for(Duration::from_secs(15), "node 3 back", |_, v| v.nodes.iter().all(|n| n.alive))?;
+    step(start, &format!("node 3 is back everywhere after {:.1}s; node 3 sees:", took.as_secs_f64()));
+    print!("{}", mosctl(&cluster, 3, &["status"])?);
+    if args.keep {
+        println!("\ncluster \"demo\" left running: cargo xtask cluster exec --name demo 1 -- mosctl status");
+    } else {
+        println!("\nremoving the cluster");
+    }
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! `cargo xtask setup`: installs what building and testing need on a Debian 12 machine. Idempotent: it
+//! asks apt only for what is missing, and does nothing when everything is there.
+
+use std::process::Command;
+
+use anyhow::{Context as _, ensure};
+
+/// Debian packages the project needs, and why.
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "network namespaces, veth links and bridges of the local test cluster"),
+    ("util-linux", "nsenter and unshare"),
+    ("procps", "ps and pkill for inspecting the test cluster"),
+    ("clang", "compiling the eBPF probes (C, CO-RE)"),
+    ("llvm", "llvm-strip and llvm-objdump for the eBPF objects"),
+    ("libbpf-dev", "bpf_helpers.h and friends for the eBPF probes"),
+    ("bpftool", "vmlinux.h generation for the eBPF probes"),
+];
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Installs the missing packages.
+pub fn run() -> anyhow::Result<()> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "setup installs packages and the tests create network namespaces and cgroups: run as root"
+    );
+    let missing: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        eprintln!("setup: all {} packages present", PACKAGES.len());
+    } else {
+        for (p, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+            eprintln!("setup: installing {p}: {why}");
+        }
+        let status = Command::new("apt-get").arg("update").arg("-q").status().context("cannot run apt-get")?;
+        ensure!(status.success(), "apt-get update failed ({status})");
+        let status = Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("cannot run apt-get")?;
+        ensure!(status.success(), "apt-get install {} failed ({status})", missing.join(" "));
+        let still: Vec<&str> = missing.into_iter().filter(|p| !installed(p)).collect();
+        ensure!(still.is_empty(), "still missing after apt-get install: {}", still.join(" "));
+    }
+    for (dir, what) in [("/sys/fs/cgroup/cpuset", "cpuset"), ("/sys/fs/cgroup/memory", "memory")] {
+        ensure!(
+            std::path::Path::new(dir).join("cgroup.procs").exists(),
+            "the cgroup-v1 {what} controller is not mounted at {dir}; the local test cluster needs it"
+        );
+    }
+    Ok(())
+}
