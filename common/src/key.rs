@@ -117,7 +117,7 @@ mod tests {
         let path = dir.path().join("k");
         for (text, short) in [("abcd\n", true), ("not hex at all", false)] {
             let _ = std::fs::remove_file(&path);
-            std::fs::OpenOptions::new().write(true).create(true).mode(0o600).open(&path).unwrap();
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path).unwrap();
             std::fs::write(&path, text).unwrap();
             let err = ClusterKey::load(&path).unwrap_err();
             assert_eq!(matches!(err, KeyError::TooShort { .. }), short, "{err}");

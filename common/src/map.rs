@@ -219,13 +219,12 @@ impl ClusterMap {
 
 /// Resolves a host name to its first IPv4 address with the system resolver.
 pub fn system_resolve(host: &str) -> Result<Ipv4Addr, String> {
-    let addrs = (host, 0).to_socket_addrs().map_err(|e| e.to_string())?;
+    let mut addrs = (host, 0).to_socket_addrs().map_err(|e| e.to_string())?;
     addrs
-        .filter_map(|a| match a.ip() {
+        .find_map(|a| match a.ip() {
             IpAddr::V4(v4) => Some(v4),
             IpAddr::V6(_) => None,
         })
-        .next()
         .ok_or_else(|| "no IPv4 address".to_owned())
 }
 

@@ -223,7 +223,7 @@ mod tests {
     #[test]
     fn a_full_window_fits_a_datagram() {
         let mut msg = message();
-        msg.entries = (2..2 + MAX_ENTRIES as u32)
+        msg.entries = (2..2 + u32::try_from(MAX_ENTRIES).unwrap())
             .map(|n| Entry { age_ms: 1, vector: vector(n) })
             .collect();
         let len = encode(&key(), &msg).unwrap().len();

@@ -380,6 +380,7 @@ mod tests {
 
     const WALL: u64 = 1_800_000_000_000;
 
+    #[expect(clippy::unnecessary_wraps, reason = "`receive` takes the source address as an Option")]
     fn addr(n: u8) -> Option<Ipv4Addr> {
         Some(Ipv4Addr::new(10, 9, 0, n))
     }

@@ -15,7 +15,7 @@ use rmosix_infod::daemon::{self, Settings};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Configuration file (default: $RMOSIX_CONFIG, else /etc/rmosix/rmosix.toml if present, else built-in defaults).
+    /// Configuration file (default: `$RMOSIX_CONFIG`, else /etc/rmosix/rmosix.toml if present, else built-in defaults).
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Cluster map, overriding the configuration's `map`.

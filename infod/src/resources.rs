@@ -103,15 +103,12 @@ impl Cgroup {
 pub fn count_cpu_list(list: &str) -> Option<u32> {
     let mut n = 0u32;
     for part in list.trim().split(',').filter(|p| !p.is_empty()) {
-        n += match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
-                b.checked_sub(a)? + 1
-            }
-            None => {
-                part.parse::<u32>().ok()?;
-                1
-            }
+        n += if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+            b.checked_sub(a)? + 1
+        } else {
+            part.parse::<u32>().ok()?;
+            1
         };
     }
     Some(n)

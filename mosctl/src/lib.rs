@@ -121,7 +121,7 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[1].starts_with("   1*  10.0.0.1         up       1.25     2   1.00"), "{table}");
         assert!(lines[1].ends_with("1.5s"), "{table}");
-        assert!(lines[2].contains("down") && lines[2].ends_with("-"), "{table}");
+        assert!(lines[2].contains("down") && lines[2].ends_with('-'), "{table}");
         let json = status_json(&view);
         assert_eq!(json["nodes"][0]["age_ms"], 1500);
         assert_eq!(json["nodes"][1]["alive"], false);

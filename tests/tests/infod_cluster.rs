@@ -117,7 +117,7 @@ fn capture_from_node_1(c: &Cluster) -> (Ipv4Addr, Vec<u8>) {
     // SAFETY: `fd` was just created and is owned by nothing else.
     let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
     addr.sll_protocol = all;
     addr.sll_ifindex = i32::try_from(index).unwrap();
     let rc = unsafe {

@@ -4,6 +4,8 @@
 //! of the command run on the node.
 
 mod bench_gossip;
+mod bench_infod;
+mod benchmarks;
 mod demo;
 mod setup;
 
@@ -84,6 +86,8 @@ enum ClusterCmd {
 enum Bench {
     /// infod's dissemination over a simulated network and clock, beside an all-to-all exchange.
     Gossip(GossipBenchArgs),
+    /// Resident memory and CPU of infod on a local 4-node cluster.
+    Infod(bench_infod::InfodBenchArgs),
 }
 
 /// Options of `cargo xtask bench gossip`.
@@ -107,7 +111,16 @@ pub fn root() -> PathBuf {
 
 /// Where cargo puts the debug binaries.
 pub fn bin_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from).join("debug")
+    target_dir().join("debug")
+}
+
+/// Where cargo puts the release binaries (benchmarks measure those).
+pub fn release_bin_dir() -> PathBuf {
+    target_dir().join("release")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
 /// A `cargo` command run in the workspace root.
@@ -121,6 +134,16 @@ pub fn cargo() -> Command {
 pub fn build() -> anyhow::Result<()> {
     let status = cargo().args(["build", "--quiet", "--workspace", "--bins"]).status().context("cannot run cargo")?;
     ensure!(status.success(), "cargo build failed ({status})");
+    Ok(())
+}
+
+/// Builds every binary of the workspace (release).
+pub fn build_release() -> anyhow::Result<()> {
+    let status = cargo()
+        .args(["build", "--quiet", "--release", "--workspace", "--bins"])
+        .status()
+        .context("cannot run cargo")?;
+    ensure!(status.success(), "cargo build --release failed ({status})");
     Ok(())
 }
 
@@ -142,6 +165,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Cluster { command } => cluster(command),
         Cmd::Bench { bench: Bench::Gossip(args) } => bench_gossip::run(&args),
+        Cmd::Bench { bench: Bench::Infod(args) } => bench_infod::run(&args),
     }
 }
 

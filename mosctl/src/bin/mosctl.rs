@@ -16,10 +16,10 @@ use rmosix_mosctl::{infod_socket, status_json, status_table};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Configuration file (default: $RMOSIX_CONFIG, else /etc/rmosix/rmosix.toml).
+    /// Configuration file (default: `$RMOSIX_CONFIG`, else /etc/rmosix/rmosix.toml).
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
-    /// infod's query socket (default: $RMOSIX_INFOD_SOCKET, else the configuration's infod.socket).
+    /// infod's query socket (default: `$RMOSIX_INFOD_SOCKET`, else the configuration's `infod.socket`).
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     #[command(subcommand)]

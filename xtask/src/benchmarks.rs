@@ -1,0 +1,62 @@
+//! BENCHMARKS.md: one section per benchmark, each replaced whole by its next run and left alone by the
+//! others, between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->`.
+
+use std::process::Command;
+
+use anyhow::Context as _;
+
+const HEADER: &str = "# Benchmarks\n\nEach section is written by `cargo xtask bench NAME` and says how it was measured. \
+Figures are from one run on the machine named in the section.\n";
+
+/// Replaces (or appends) the section `name` of BENCHMARKS.md with `title` and `body`.
+pub fn update_section(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
+    let path = crate::root().join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| HEADER.to_owned());
+    let new = replace_section(&old, name, title, body);
+    std::fs::write(&path, new).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("wrote section {name} of {}", path.display());
+    Ok(())
+}
+
+fn replace_section(old: &str, name: &str, title: &str, body: &str) -> String {
+    let start = format!("<!-- bench:{name}:start -->");
+    let end = format!("<!-- bench:{name}:end -->");
+    let section = format!("{start}\n## {title}\n\n{}\n{end}", body.trim_end());
+    match (old.find(&start), old.find(&end)) {
+        (Some(a), Some(b)) if a < b => format!("{}{section}{}", &old[..a], &old[b + end.len()..]),
+        _ => format!("{}\n{section}\n", old.trim_end()),
+    }
+}
+
+/// One line naming the machine a benchmark ran on.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("{date}, {cpus} CPUs, Linux {kernel}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_replaced_in_place_and_others_kept() {
+        let doc = replace_section(HEADER, "a", "A", "one");
+        let doc = replace_section(&doc, "b", "B", "two");
+        let doc = replace_section(&doc, "a", "A", "three");
+        assert!(doc.contains("## A\n\nthree\n<!-- bench:a:end -->"));
+        assert!(doc.contains("## B\n\ntwo\n"));
+        assert!(!doc.contains("one"));
+        assert!(doc.find("bench:a:start").unwrap() < doc.find("bench:b:start").unwrap());
+    }
+}
