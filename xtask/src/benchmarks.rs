@@ -51,12 +51,12 @@ mod tests {
 
     #[test]
     fn sections_are_replaced_in_place_and_others_kept() {
-        let doc = replace_section(HEADER, "a", "A", "one");
+        let doc = replace_section(HEADER, "a", "A", "first figures");
         let doc = replace_section(&doc, "b", "B", "two");
         let doc = replace_section(&doc, "a", "A", "three");
         assert!(doc.contains("## A\n\nthree\n<!-- bench:a:end -->"));
         assert!(doc.contains("## B\n\ntwo\n"));
-        assert!(!doc.contains("one"));
+        assert!(!doc.contains("first figures"));
         assert!(doc.find("bench:a:start").unwrap() < doc.find("bench:b:start").unwrap());
     }
 }
