@@ -491,6 +491,18 @@ impl Cluster {
                 }
             }
         }
+        // Host ends of the links: they go with their namespace, but only once the kernel has freed it, which
+        // happens in the background; remove them now so a new cluster can reuse the names.
+        let host_prefix = format!("rx-{name}-");
+        for e in std::fs::read_dir("/sys/class/net").into_iter().flatten().flatten() {
+            let link = e.file_name().to_string_lossy().into_owned();
+            if link.starts_with(&host_prefix) {
+                let gone = run(Command::new("ip").args(["link", "delete", &link]));
+                if gone.is_err() && Path::new("/sys/class/net").join(&link).exists() {
+                    gone?;
+                }
+            }
+        }
         let bridge = Self::bridge(name);
         if Path::new("/sys/class/net").join(&bridge).exists() {
             ip(&["link", "delete", &bridge])?;

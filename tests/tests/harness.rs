@@ -1,0 +1,65 @@
+//! The local test cluster itself: it starts after a crashed run, runs commands on its nodes with their
+//! exit status, and leaves nothing behind.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use rmosix_testcluster::{Cluster, Spec, bin_dir_of_current_test};
+
+fn leftovers(name: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let ns = e.file_name().to_string_lossy().into_owned();
+        if ns.starts_with(&format!("rmx-{name}-")) {
+            found.push(format!("netns {ns}"));
+        }
+    }
+    for path in [
+        format!("/sys/class/net/rmx-{name}"),
+        format!("/sys/fs/cgroup/cpuset/rmosix-{name}"),
+        format!("/sys/fs/cgroup/memory/rmosix-{name}"),
+        format!("/run/rmosix-cluster/{name}"),
+    ] {
+        if Path::new(&path).exists() {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn up_after_a_crash_works_and_down_leaves_nothing() {
+    let name = "stale";
+    let first = Cluster::up(Spec::new(name, 2, bin_dir_of_current_test())).unwrap();
+    // A background job on node 2, as a crashed test would leave running.
+    let mut job = first.command(2, "sleep").unwrap().arg("1000").stdin(Stdio::null()).spawn().unwrap();
+    // The "crash": the cluster is never taken down and its state directory is lost.
+    std::mem::forget(first);
+    std::fs::remove_dir_all(Path::new("/run/rmosix-cluster").join(name)).unwrap();
+
+    let second = Cluster::up(Spec::new(name, 3, bin_dir_of_current_test())).unwrap();
+    assert!(job.try_wait().unwrap().is_some(), "the old cluster's job was not killed");
+    second.wait_for(std::time::Duration::from_secs(10), "all up", |_, v| {
+        v.nodes.len() == 3 && v.nodes.iter().all(|n| n.alive)
+    })
+    .unwrap();
+    drop(second);
+    assert_eq!(leftovers(name), Vec::<String>::new());
+}
+
+#[test]
+fn commands_run_inside_their_node_and_pass_the_exit_status() {
+    let c = Cluster::up(Spec::new("exec", 2, bin_dir_of_current_test())).unwrap();
+    let out = c
+        .command(2, "sh")
+        .unwrap()
+        .args(["-c", "ip -4 -o addr show eth0; cat /proc/self/cgroup; echo $RMOSIX_NODE; exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("inet 10.213.0.2/24"), "{text}");
+    assert!(text.contains(":cpuset:/rmosix-exec/node2"), "{text}");
+    assert!(text.contains(":memory:/rmosix-exec/node2"), "{text}");
+    assert!(text.trim_end().ends_with('2'), "{text}");
+}
