@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 
 use rand::SeedableRng as _;
 use rand::rngs::SmallRng;
-use rand::seq::IndexedRandom as _;
+use rand::seq::SliceRandom as _;
 use rmosix_common::NodeId;
 use rmosix_common::config::InfodConfig;
 use rmosix_common::load::LoadVector;
@@ -81,7 +81,11 @@ impl Drop {
 pub struct Engine {
     me: NodeId,
     map: ClusterMap,
+    /// The other nodes of the map in a random order, walked one per interval and reshuffled at the end:
+    /// every peer is still a random choice, but none waits more than two rounds to hear from this node
+    /// (with independent draws, a small cluster often leaves one node out for several intervals).
     peers: Vec<NodeId>,
+    next_peer: usize,
     config: EngineConfig,
     incarnation: u64,
     counter: u64,
@@ -105,6 +109,7 @@ impl Engine {
         Self {
             me,
             peers,
+            next_peer: usize::MAX,
             window: Window::new(config.window, config.max_age_ms),
             config,
             map,
@@ -137,6 +142,7 @@ impl Engine {
     /// Replaces the map (SIGHUP). Information about nodes no longer in the map is forgotten.
     pub fn set_map(&mut self, map: ClusterMap) {
         self.peers = map.nodes().map(|n| n.id).filter(|&id| id != self.me).collect();
+        self.next_peer = usize::MAX;
         self.known.retain(|id, _| map.get(NodeId(*id)).is_some());
         self.last_counter.retain(|id, _| map.get(NodeId(*id)).is_some());
         let mut window = Window::new(self.config.window, self.config.max_age_ms);
@@ -153,7 +159,15 @@ impl Engine {
     pub fn tick(&mut self, now_ms: u64, wall_ms: u64, own: LoadVector) -> Option<(NodeId, Gossip)> {
         self.window.expire(now_ms);
         self.own = Some(own.clone());
-        let to = *self.peers.choose(&mut self.rng)?;
+        if self.peers.is_empty() {
+            return None;
+        }
+        if self.next_peer >= self.peers.len() {
+            self.peers.shuffle(&mut self.rng);
+            self.next_peer = 0;
+        }
+        let to = self.peers[self.next_peer];
+        self.next_peer += 1;
         self.counter += 1;
         let msg = Gossip {
             sender: self.me.0,
@@ -388,14 +402,48 @@ mod tests {
     #[test]
     fn peers_are_chosen_at_random_among_the_others() {
         let mut e = Engine::new(NodeId(1), map(5), config(), 1, 42);
-        let mut seen = std::collections::BTreeSet::new();
-        for t in 0..200 {
-            let (to, msg) = e.tick(t * 1000, WALL, vector(1, 0.0, t)).unwrap();
-            assert_ne!(to, NodeId(1));
-            assert_eq!(msg.counter, t + 1);
-            seen.insert(to.0);
+        let mut rounds = Vec::new();
+        for round in 0..50 {
+            let mut seen = Vec::new();
+            for t in round * 4..round * 4 + 4 {
+                let (to, msg) = e.tick(t * 1000, WALL, vector(1, 0.0, t)).unwrap();
+                assert_eq!(msg.counter, t + 1);
+                seen.push(to.0);
+            }
+            rounds.push(seen.clone());
+            seen.sort_unstable();
+            assert_eq!(seen, [2, 3, 4, 5], "every peer once per round");
         }
-        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [2, 3, 4, 5]);
+        rounds.sort();
+        rounds.dedup();
+        assert!(rounds.len() > 10, "orders vary: {rounds:?}");
+        let mut alone = Engine::new(NodeId(1), map(1), config(), 1, 42);
+        assert!(alone.tick(0, WALL, vector(1, 0.0, 0)).is_none());
+    }
+
+    /// The property the 4-node cluster test relies on: infods started a little apart, first datagram after
+    /// 750 ms, one a second after that; by 5 s every node has heard of every other, whatever the seed.
+    #[test]
+    fn a_small_cluster_converges_within_five_intervals() {
+        for seed in 0..2000u64 {
+            let mut engines: Vec<Engine> =
+                (1..=4).map(|i| Engine::new(NodeId(i), map(4), config(), 100, seed * 31 + u64::from(i))).collect();
+            let mut events: Vec<(u64, usize)> = (0..4)
+                .flat_map(|i| (0..5).map(move |k| (750 - 100 * i as u64 + 1000 * k, i)))
+                .filter(|&(t, _)| t <= 5000)
+                .collect();
+            events.sort_unstable();
+            for (seq, (t, i)) in events.into_iter().enumerate() {
+                let own = vector(u32::try_from(i).unwrap() + 1, 0.0, seq as u64);
+                let (to, msg) = engines[i].tick(t, WALL, own).unwrap();
+                let from = addr(u8::try_from(i).unwrap() + 1);
+                engines[to.0 as usize - 1].receive(t, WALL, from, Ok(msg)).unwrap();
+            }
+            for e in &engines {
+                let view = e.view(5000);
+                assert!(view.nodes.iter().all(|n| n.alive), "seed {seed}: node {} {view:?}", e.me());
+            }
+        }
     }
 
     #[test]
