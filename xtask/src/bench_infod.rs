@@ -3,6 +3,7 @@
 //! `/proc/PID/stat`) over the measurement window. Beside it, the same figures for `sleep` started in the same
 //! node cgroup: the floor any process pays.
 
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -82,19 +83,21 @@ pub fn run(args: &InfodBenchArgs) -> anyhow::Result<()> {
         let cpu = (a.cpu_ticks - b.cpu_ticks) as f64 / hz as f64 / elapsed * 100.0;
         worst_rss = worst_rss.max(mib(a.hwm_kib));
         worst_cpu = worst_cpu.max(cpu);
-        table.push_str(&format!(
-            "| infod, node {} | {:.1} | {:.1} | {:.3} |\n",
+        let _ = writeln!(
+            table,
+            "| infod, node {} | {:.1} | {:.1} | {:.3} |",
             i + 1,
             mib(a.rss_kib),
             mib(a.hwm_kib),
             cpu
-        ));
+        );
     }
-    table.push_str(&format!(
-        "| baseline: `sleep` in node 1's cgroup | {:.1} | {:.1} | 0 |\n",
+    let _ = writeln!(
+        table,
+        "| baseline: `sleep` in node 1's cgroup | {:.1} | {:.1} | 0 |",
         mib(sleep_usage.rss_kib),
         mib(sleep_usage.hwm_kib)
-    ));
+    );
     let c = &views.counters;
     let body = format!(
         "Measured {} s on a local 4-node cluster (`cargo xtask bench infod`; {}), release build, default \
