@@ -6,6 +6,7 @@
 mod bench_gossip;
 mod bench_infod;
 mod benchmarks;
+mod criu;
 mod demo;
 mod setup;
 

@@ -1,5 +1,6 @@
 //! `cargo xtask setup`: installs what building and testing need on a Debian 12 machine. Idempotent: it
-//! asks apt only for what is missing, and does nothing when everything is there.
+//! asks apt only for what is missing, and does nothing when everything is there. A working CRIU (>= 4) is
+//! provisioned by [`crate::criu`].
 
 use std::process::Command;
 
@@ -48,6 +49,7 @@ pub fn run() -> anyhow::Result<()> {
         let still: Vec<&str> = missing.into_iter().filter(|p| !installed(p)).collect();
         ensure!(still.is_empty(), "still missing after apt-get install: {}", still.join(" "));
     }
+    crate::criu::provision()?;
     for (dir, what) in [("/sys/fs/cgroup/cpuset", "cpuset"), ("/sys/fs/cgroup/memory", "memory")] {
         ensure!(
             std::path::Path::new(dir).join("cgroup.procs").exists(),
