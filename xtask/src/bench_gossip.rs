@@ -1,19 +1,19 @@
 //! `cargo xtask bench gossip`: infod's probabilistic dissemination at scale, beside an all-to-all exchange.
 //!
-//! MOSIX's claim for its information dissemination is that per-node traffic and memory stay constant however
-//! large the cluster grows, while every node still knows recent news about *some* nodes, enough to pick a good
-//! target for a job. dshd, the exchange this project replaces, sends every node's vector to every other node.
-//! This benchmark puts numbers on both: it runs the real [`Engine`] of every node (the code infod runs) over a
-//! simulated clock and network, so thousands of nodes fit on one machine and a run is reproducible (fixed
-//! seeds), and it models the all-to-all exchange on the same tick schedule and loads.
+//! MOSIX's claim for its information dissemination is that per-node traffic and memory stay constant
+//! however large the cluster grows, while every node still knows recent news about *some* nodes, enough to
+//! pick a good target for a job. dshd, the exchange this project replaces, sends every node's vector to
+//! every other node. This benchmark puts numbers on both: it runs the real [`Engine`] of every node (the
+//! code infod runs) over a simulated clock and network, so thousands of nodes fit on one machine and a run
+//! is reproducible (fixed seeds), and it models the all-to-all exchange on the same tick schedule and loads.
 //!
 //! The simulation: every node ticks once per interval at its own random phase, with a load that drifts
-//! slowly along its own sine curve; datagrams arrive after 0.1-2 ms or are lost (1 %). Each node has its own
-//! monotonic clock origin and a wall clock a little off, as real nodes do, because the engine must not need
-//! synchronised clocks. After a warm-up one node dies (stops ticking and receiving) and one node that was
-//! silent since the start (in the map, never heard of) comes up idle. What is measured, after the warm-up:
-//! traffic per node, age of the entries the windows hold, how far the new node spreads, how good the best
-//! node of each window really is, and how long the dead node lingers.
+//! slowly along its own sine curve; datagrams arrive after 0.1-2 ms or are lost (1 %). Each node has its
+//! own monotonic clock origin and a wall clock a little off, as real nodes do, because the engine must not
+//! need synchronised clocks. After a warm-up one node dies (stops ticking and receiving) and one node that
+//! was silent since the start (in the map, never heard of) comes up idle. What is measured, after the
+//! warm-up: traffic per node, age of the entries the windows hold, how far the new node spreads, how good
+//! the best node of each window is, and how long the dead node lingers.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -21,7 +21,6 @@ use std::f64::consts::TAU;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context as _, ensure};
@@ -44,7 +43,9 @@ const LATENCY_US: Range<u64> = 100..2_000;
 const WARMUP_MS: u64 = 15_000;
 /// When, after it came up, the share of windows holding the new node is measured.
 const JOIN_PROBES_MS: [u64; 3] = [1_000, 5_000, 10_000];
-/// How often ages and best-node choices are sampled over every node.
+/// Ages and best-node choices are sampled over every node once per second, at a random one of the
+/// `POLL_EVERY_MS` rounds of that second, so samples do not always fall at the same point of each node's
+/// interval.
 const SAMPLE_EVERY_MS: u64 = 1_000;
 /// Resolution of the dead node's exit from the windows.
 const POLL_EVERY_MS: u64 = 100;
@@ -64,9 +65,8 @@ const WALL_SKEW_MS: u64 = 500;
 const CPUS: u32 = 4;
 /// Seed of every run, so runs are reproducible.
 const SEED: u64 = 0x00c0_ffee_6055_1b00;
-/// Markers delimiting this benchmark's section of BENCHMARKS.md.
-const SECTION_START: &str = "<!-- bench:gossip:start -->";
-const SECTION_END: &str = "<!-- bench:gossip:end -->";
+/// Title of this benchmark's section of BENCHMARKS.md.
+const TITLE: &str = "gossip: infod's dissemination against all-to-all";
 
 pub fn run(args: &crate::GossipBenchArgs) -> anyhow::Result<()> {
     let infod = InfodConfig::default();
@@ -90,21 +90,22 @@ pub fn run(args: &crate::GossipBenchArgs) -> anyhow::Result<()> {
     for &n in &args.nodes {
         let run_started = Instant::now();
         eprintln!("bench gossip: {n} nodes, {} simulated s ...", args.seconds);
-        let outcome = Sim::new(n, args.seconds, config.clone(), infod.interval_ms)?.run()?;
+        let mut outcome = Sim::new(n, args.seconds, config.clone(), infod.interval_ms).run()?;
+        outcome.wall_s = run_started.elapsed().as_secs_f64();
+        outcome.peak_mib = peak_resident_mib();
         eprintln!(
             "bench gossip: {n} nodes done in {:.1} s (median age {:.1} s, {:.2} msg/node/s)",
-            run_started.elapsed().as_secs_f64(),
+            outcome.wall_s,
             ms_to_s(outcome.age_ms.0),
             outcome.msgs_per_s
         );
         outcomes.push(outcome);
     }
     let report = Report { outcomes, seconds: args.seconds, config, interval_ms: infod.interval_ms };
-    let section = report.markdown(started.elapsed().as_secs_f64())?;
-    println!("{section}");
+    let body = report.markdown(started.elapsed().as_secs_f64())?;
+    println!("## {TITLE}\n\n{body}");
     if !args.no_write {
-        let path = write_section(&section)?;
-        eprintln!("bench gossip: results written to {}", path.display());
+        crate::benchmarks::update_section("gossip", TITLE, &body)?;
     }
     println!("{}", report.summary());
     Ok(())
@@ -126,18 +127,20 @@ impl LoadCurve {
         Self { base: 0.0, amplitude: 0.0, period_ms: 1.0, phase: 0.0 }
     }
 
+    /// A busy node; the swing never takes the load below 0, so no two nodes tie for long.
     fn random(rng: &mut SmallRng) -> Self {
+        let base = rng.random_range(0.0..4.0);
         Self {
-            base: rng.random_range(0.0..4.0),
-            amplitude: rng.random_range(0.0..1.0),
+            base,
+            amplitude: rng.random_range(0.0..1.0_f64.min(base)),
             period_ms: rng.random_range(60_000.0..600_000.0),
             phase: rng.random_range(0.0..TAU),
         }
     }
 
     fn at(&self, t_us: u64) -> f64 {
-        let t_ms = as_f64(t_us) / 1000.0;
-        (self.base + self.amplitude * (TAU * t_ms / self.period_ms + self.phase).sin()).max(0.0)
+        let ms = as_f64(t_us) / 1000.0;
+        (self.base + self.amplitude * (TAU * ms / self.period_ms + self.phase).sin()).max(0.0)
     }
 }
 
@@ -264,11 +267,13 @@ impl Histogram {
         }
         let rank = nearest_rank(self.total, q) + 1;
         let mut seen = 0;
-        self.counts.iter().position(|&c| {
-            seen += c;
-            seen >= rank
-        })
-        .map(|i| i as u64)
+        self.counts
+            .iter()
+            .position(|&c| {
+                seen += c;
+                seen >= rank
+            })
+            .map(|i| i as u64)
     }
 }
 
@@ -305,6 +310,8 @@ struct DeathWatch {
 struct Measures {
     /// True from the end of the warm-up.
     on: bool,
+    /// Round of the current second at which ages and choices are sampled.
+    sample_at_ms: u64,
     sent: u64,
     bytes: u64,
     entries: u64,
@@ -328,11 +335,40 @@ struct Measures {
     alive_share: f64,
 }
 
+impl Measures {
+    fn new(max_age_ms: u64) -> Self {
+        Self {
+            on: false,
+            sample_at_ms: 0,
+            sent: 0,
+            bytes: 0,
+            entries: 0,
+            lost: 0,
+            to_down: 0,
+            refused: BTreeMap::new(),
+            busiest_second: 0,
+            ages: Histogram::new(max_age_ms),
+            window_len_sum: 0,
+            window_samples: 0,
+            ranks: Vec::new(),
+            dead_picks: 0,
+            a2a_ages: Histogram::new(max_age_ms),
+            a2a_ranks: Vec::new(),
+            join: Vec::new(),
+            death: DeathWatch::default(),
+            alive_share: 0.0,
+        }
+    }
+}
+
 /// Figures of one run, ready to print.
 #[derive(Debug)]
 struct Outcome {
     nodes: usize,
+    /// Seconds this run took on the host, engines' construction and teardown included.
     wall_s: f64,
+    /// Peak resident memory of the process after this run (MiB), if known.
+    peak_mib: Option<u64>,
     msgs_per_s: f64,
     bytes_per_s: f64,
     mean_datagram: f64,
@@ -387,7 +423,7 @@ fn id(index: usize) -> u32 {
 }
 
 impl Sim {
-    fn new(n: usize, seconds: u64, config: EngineConfig, interval_ms: u64) -> anyhow::Result<Self> {
+    fn new(n: usize, seconds: u64, config: EngineConfig, interval_ms: u64) -> Self {
         let mut rng = SmallRng::seed_from_u64(SEED ^ n as u64);
         let map = ClusterMap::from_nodes((0..n).map(|i| Node {
             id: NodeId(id(i)),
@@ -409,26 +445,7 @@ impl Sim {
             sizes: HashMap::new(),
             dead,
             joiner,
-            m: Measures {
-                on: false,
-                sent: 0,
-                bytes: 0,
-                entries: 0,
-                lost: 0,
-                to_down: 0,
-                refused: BTreeMap::new(),
-                busiest_second: 0,
-                ages: Histogram::new(config.max_age_ms),
-                window_len_sum: 0,
-                window_samples: 0,
-                ranks: Vec::new(),
-                dead_picks: 0,
-                a2a_ages: Histogram::new(config.max_age_ms),
-                a2a_ranks: Vec::new(),
-                join: Vec::new(),
-                death: DeathWatch::default(),
-                alive_share: 0.0,
-            },
+            m: Measures::new(config.max_age_ms),
             config,
             rng,
         };
@@ -452,7 +469,7 @@ impl Sim {
                 sim.start(i, phase_us);
             }
         }
-        Ok(sim)
+        sim
     }
 
     /// Brings node `i` up with a fresh engine, its first tick at `at_us`.
@@ -472,7 +489,6 @@ impl Sim {
     }
 
     fn run(mut self) -> anyhow::Result<Outcome> {
-        let started = Instant::now();
         let end_ms = self.seconds * 1000;
         let mut probe_ms = 0;
         loop {
@@ -492,7 +508,7 @@ impl Sim {
             }
         }
         self.measure_alive_share(end_ms * 1000);
-        self.outcome(started.elapsed().as_secs_f64())
+        self.outcome()
     }
 
     fn tick(&mut self, i: usize, at_us: u64) -> anyhow::Result<()> {
@@ -560,10 +576,10 @@ impl Sim {
         }
     }
 
-    /// Everything that happens at a round `t_ms`, before the events of that instant.
-    fn probe(&mut self, t_ms: u64) {
-        let t_us = t_ms * 1000;
-        if t_ms.is_multiple_of(1000) {
+    /// Everything that happens at round `round_ms`, before the events of that instant.
+    fn probe(&mut self, round_ms: u64) {
+        let t_us = round_ms * 1000;
+        if round_ms.is_multiple_of(1000) {
             for node in &mut self.nodes {
                 if self.m.on {
                     self.m.busiest_second = self.m.busiest_second.max(node.received_this_second);
@@ -571,7 +587,7 @@ impl Sim {
                 node.received_this_second = 0;
             }
         }
-        if t_ms == WARMUP_MS {
+        if round_ms == WARMUP_MS {
             self.m.on = true;
             self.kill(t_us);
             let at = t_us + self.rng.random_range(0..1000);
@@ -580,16 +596,20 @@ impl Sim {
         if !self.m.on {
             return;
         }
-        if t_ms.is_multiple_of(SAMPLE_EVERY_MS) {
+        if round_ms.is_multiple_of(SAMPLE_EVERY_MS) {
+            self.m.sample_at_ms =
+                round_ms + POLL_EVERY_MS * self.rng.random_range(0..SAMPLE_EVERY_MS / POLL_EVERY_MS);
+        }
+        if round_ms == self.m.sample_at_ms {
             self.sample(t_us);
         }
-        if JOIN_PROBES_MS.iter().any(|&d| t_ms == WARMUP_MS + d) {
+        if JOIN_PROBES_MS.iter().any(|&d| round_ms == WARMUP_MS + d) {
             let held = self.holders(self.joiner, t_us, self.config.max_age_ms);
             let others = self.live().count() - 1;
             self.m.join.push((held, others));
         }
-        if t_ms > WARMUP_MS {
-            self.watch_dead(t_ms - WARMUP_MS, t_us);
+        if round_ms > WARMUP_MS {
+            self.watch_dead(round_ms - WARMUP_MS, t_us);
         }
     }
 
@@ -599,9 +619,7 @@ impl Sim {
 
     /// Live nodes whose window holds `subject` younger than `max_age_ms` (their engine would send or use it).
     fn holders(&self, subject: usize, t_us: u64, max_age_ms: u64) -> usize {
-        self.live()
-            .filter(|&o| self.holds(o, subject, t_us, max_age_ms))
-            .count()
+        self.live().filter(|&o| self.holds(o, subject, t_us, max_age_ms)).count()
     }
 
     fn holds(&self, observer: usize, subject: usize, t_us: u64, max_age_ms: u64) -> bool {
@@ -613,10 +631,8 @@ impl Sim {
     /// Stops the node chosen to die and notes who knew of it.
     fn kill(&mut self, t_us: u64) {
         let dead = self.dead;
-        let mut holders: Vec<usize> = self
-            .live()
-            .filter(|&o| o != dead && self.holds(o, dead, t_us, self.config.max_age_ms))
-            .collect();
+        let mut holders: Vec<usize> =
+            self.live().filter(|&o| o != dead && self.holds(o, dead, t_us, self.config.max_age_ms)).collect();
         self.m.death.holders = holders.len();
         holders.shuffle(&mut self.rng);
         holders.truncate(MAX_VIEW_OBSERVERS);
@@ -629,8 +645,7 @@ impl Sim {
     fn watch_dead(&mut self, since_ms: u64, t_us: u64) {
         let dead = self.dead;
         let holders = self.m.death.holders;
-        if self.m.death.left_ms.is_none()
-            && self.holders(dead, t_us, self.config.max_age_ms) * 100 <= holders
+        if self.m.death.left_ms.is_none() && self.holders(dead, t_us, self.config.max_age_ms) * 100 <= holders
         {
             self.m.death.left_ms = Some(since_ms);
         }
@@ -658,7 +673,8 @@ impl Sim {
         let live: Vec<usize> = self.live().collect();
         let mut costs: Vec<f64> = live.iter().map(|&j| self.nodes[j].true_cost(id(j), t_us)).collect();
         costs.sort_unstable_by(f64::total_cmp);
-        let rank = |cost: f64| as_f64(costs.partition_point(|&c| c < cost) as u64) / as_f64(costs.len() as u64 - 1);
+        let rank =
+            |cost: f64| as_f64(costs.partition_point(|&c| c < cost) as u64) / as_f64(costs.len() as u64 - 1);
         for &o in &live {
             let node = &self.nodes[o];
             let engine = node.engine.as_ref().expect("an up node runs an engine");
@@ -686,7 +702,9 @@ impl Sim {
             }
         }
         // All-to-all: every node holds every other node's last sent vector, whose age is the time since
-        // that node's last tick plus one interval per datagram lost in a row.
+        // that node's last tick plus one interval per datagram lost in a row. A node that has not sent yet
+        // (the new one, in its first millisecond) is not known.
+        let live: Vec<usize> = live.into_iter().filter(|&j| self.nodes[j].seq > 0).collect();
         for &j in &live {
             let mut age = (t_us - self.nodes[j].last_tick_us) / 1000;
             while self.rng.random_bool(LOSS) {
@@ -694,12 +712,23 @@ impl Sim {
             }
             self.m.a2a_ages.add(age);
         }
+        // The dead node stays a candidate until it is down, as it does in the windows.
+        let dead = &self.nodes[self.dead];
+        let dead_known =
+            dead.status == Status::Dead && (t_us - dead.last_tick_us) / 1000 < self.config.down_after_ms;
         let chosen = live
             .iter()
             .copied()
+            .chain(dead_known.then_some(self.dead))
             .min_by(|&a, &b| self.nodes[a].last_cost.total_cmp(&self.nodes[b].last_cost).then(a.cmp(&b)))
             .expect("live nodes");
-        self.m.a2a_ranks.push(rank(self.nodes[chosen].true_cost(id(chosen), t_us)));
+        let chosen_node = &self.nodes[chosen];
+        let a2a_rank = if chosen_node.status == Status::Up {
+            rank(chosen_node.true_cost(id(chosen), t_us))
+        } else {
+            1.0
+        };
+        self.m.a2a_ranks.push(a2a_rank);
     }
 
     /// The node `Engine::best` would choose for a job needing no memory, without its side effect (it bumps
@@ -736,7 +765,7 @@ impl Sim {
         self.m.alive_share = sum / as_f64(observers.len() as u64);
     }
 
-    fn outcome(self, wall_s: f64) -> anyhow::Result<Outcome> {
+    fn outcome(self) -> anyhow::Result<Outcome> {
         let m = self.m;
         let n = self.nodes.len();
         // One node is dead and one has come up from the warm-up on: n - 1 nodes ran the whole measurement.
@@ -757,10 +786,12 @@ impl Sim {
             own: dead.vector(1, 0),
             entries: Vec::new(),
         };
-        let a2a_datagram = wire::encode(&self.key, &own_only).context("encoding a one-vector datagram")?.len();
+        let a2a_datagram =
+            wire::encode(&self.key, &own_only).context("encoding a one-vector datagram")?.len();
         Ok(Outcome {
             nodes: n,
-            wall_s,
+            wall_s: 0.0,
+            peak_mib: None,
             msgs_per_s: as_f64(m.sent) / node_seconds,
             bytes_per_s: as_f64(m.bytes) / node_seconds,
             mean_datagram: as_f64(m.bytes) / as_f64(m.sent.max(1)),
@@ -797,17 +828,15 @@ impl Report {
     fn markdown(&self, total_s: f64) -> anyhow::Result<String> {
         let mut s = String::new();
         let c = &self.config;
-        writeln!(s, "{SECTION_START}")?;
-        writeln!(s, "## gossip: infod's dissemination against all-to-all\n")?;
         writeln!(
             s,
-            "Reproduce: `cargo xtask bench gossip` (options: `--nodes 16,64 --seconds 60 --no-write`). \
-             Run on {} ({} CPUs, Linux {}), {} build of xtask, {}; {:.0} s in all.\n",
+            "Reproduce: `cargo xtask bench gossip --nodes {} --seconds {}` (add `--no-write` to leave this \
+             file alone). Run {} on {}, {} build of xtask; {:.0} s in all.\n",
+            self.outcomes.iter().map(|o| o.nodes.to_string()).collect::<Vec<_>>().join(","),
+            self.seconds,
+            crate::benchmarks::machine(),
             cpu_model(),
-            std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-            kernel_release(),
             if cfg!(debug_assertions) { "debug" } else { "release" },
-            today(),
             total_s
         )?;
         writeln!(
@@ -845,8 +874,7 @@ impl Report {
         self.ranks(&mut s)?;
         self.death(&mut s)?;
         self.anomalies(&mut s)?;
-        writeln!(s, "Summary: `{}`\n", self.summary())?;
-        write!(s, "{SECTION_END}")?;
+        write!(s, "Summary: `{}`", self.summary())?;
         Ok(s)
     }
 
@@ -888,7 +916,10 @@ impl Report {
             "Gossip: the age of every entry of every window, sampled each second. All-to-all: the age of \
              every vector a node holds (one per node).\n"
         )?;
-        writeln!(s, "| nodes | entries per window | gossip median | gossip p99 | all-to-all median | all-to-all p99 |")?;
+        writeln!(
+            s,
+            "| nodes | entries per window | gossip median | gossip p99 | all-to-all median | all-to-all p99 |"
+        )?;
         writeln!(s, "|---:|---:|---:|---:|---:|---:|")?;
         for o in &self.outcomes {
             writeln!(
@@ -902,7 +933,12 @@ impl Report {
                 ms_to_s(o.a2a_age_ms.1)
             )?;
         }
-        writeln!(s)
+        writeln!(
+            s,
+            "\nWhere the window is larger than the cluster, every window also holds the dead node until its \
+             entry is {} s old, which makes the p99.\n",
+            self.config.max_age_ms / 1000
+        )
     }
 
     fn join(&self, s: &mut String) -> std::fmt::Result {
@@ -1020,9 +1056,20 @@ impl Report {
             writeln!(s, "| {} | {} | {} | {refused} |", o.nodes, o.lost, o.to_down)?;
         }
         writeln!(s)?;
-        let runs: Vec<String> =
-            self.outcomes.iter().map(|o| format!("{} nodes {:.0} s", o.nodes, o.wall_s)).collect();
-        writeln!(s, "Simulation time per run: {}.\n", runs.join(", "))
+        let runs: Vec<String> = self
+            .outcomes
+            .iter()
+            .map(|o| {
+                let peak = o.peak_mib.map_or_else(String::new, |m| format!(", peak {m} MiB resident"));
+                format!("{} nodes {:.0} s{peak}", o.nodes, o.wall_s)
+            })
+            .collect();
+        writeln!(
+            s,
+            "Host time per run: {}. Memory grows as N²: every engine holds its own copy of the cluster map \
+             (and its list of peers).\n",
+            runs.join("; ")
+        )
     }
 
     /// The one-line headline: the largest cluster's traffic and ages against all-to-all.
@@ -1030,23 +1077,23 @@ impl Report {
         let Some(o) = self.outcomes.iter().max_by_key(|o| o.nodes) else {
             return "gossip: no run (target 1 msg/node/s at every N, median info age < 5 s)".to_owned();
         };
-        let (lo, hi) = self.outcomes.iter().fold((f64::MAX, f64::MIN), |(lo, hi), o| {
-            (lo.min(o.msgs_per_s), hi.max(o.msgs_per_s))
-        });
+        let (lo, hi) = self
+            .outcomes
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), o| (lo.min(o.msgs_per_s), hi.max(o.msgs_per_s)));
         let a2a_msgs = o.nodes - 1;
+        let smallest = self.outcomes.iter().map(|o| o.nodes).min().unwrap_or(o.nodes);
         format!(
-            "gossip: {} nodes: {:.2} msg/node/s ({}/s; {:.2}-{:.2} over all N), median info age {:.1} s, \
-             best node at rank {} (median) vs all-to-all {} msg/node/s ({}/s) \
-             (target 1 msg/node/s at every N, median info age < 5 s)",
+            "gossip: {} nodes: {:.2} msg/node/s, {}/node/s (all-to-all: {a2a_msgs} msg/node/s, {}/node/s); \
+             {lo:.2}-{hi:.2} msg/node/s over {smallest}-{} nodes; median info age {:.1} s; median best-node \
+             rank {} (target 1 msg/node/s at every N, median info age < 5 s)",
             o.nodes,
             o.msgs_per_s,
             bytes(o.bytes_per_s),
-            lo,
-            hi,
+            bytes(as_f64((a2a_msgs * o.a2a_datagram) as u64)),
+            o.nodes,
             ms_to_s(o.age_ms.0),
             percent(o.rank.0),
-            a2a_msgs,
-            bytes(as_f64((a2a_msgs * o.a2a_datagram) as u64))
         )
     }
 }
@@ -1107,40 +1154,18 @@ fn to_usize(n: u64) -> usize {
     usize::try_from(n).expect("a 64-bit host")
 }
 
-/// Replaces this benchmark's section of BENCHMARKS.md at the workspace root (or appends it, or creates the
-/// file), leaving other benchmarks' sections as they are.
-fn write_section(section: &str) -> anyhow::Result<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has a parent directory")?;
-    let path = root.join("BENCHMARKS.md");
-    let old = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    std::fs::write(&path, splice_section(&old, section))
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
-}
-
-/// `text` with the part from `SECTION_START` to `SECTION_END` replaced by `section` (which carries the
-/// markers), or with `section` appended when the markers are missing.
-fn splice_section(text: &str, section: &str) -> String {
-    if let Some(start) = text.find(SECTION_START)
-        && let Some(end) = text[start..].find(SECTION_END).map(|e| start + e + SECTION_END.len())
-    {
-        return format!("{}{section}{}", &text[..start], &text[end..]);
-    }
-    if text.trim().is_empty() {
-        return format!("# Benchmarks\n\nResults of `cargo xtask bench NAME`, one section per benchmark.\n\n{section}\n");
-    }
-    let sep = if text.ends_with("\n\n") {
-        ""
-    } else if text.ends_with('\n') {
-        "\n"
-    } else {
-        "\n\n"
-    };
-    format!("{text}{sep}{section}\n")
+/// The process's peak resident memory so far (`VmHWM`), in MiB.
+fn peak_resident_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
 }
 
 fn cpu_model() -> String {
@@ -1153,33 +1178,6 @@ fn cpu_model() -> String {
                 .map(|(_, m)| m.trim().to_owned())
         })
         .unwrap_or_else(|| "an unknown CPU".to_owned())
-}
-
-fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "?".to_owned(), |r| r.trim().to_owned())
-}
-
-/// Today's date (UTC) as YYYY-MM-DD.
-fn today() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (y, m, d) = civil_from_days(i64::try_from(secs / 86_400).unwrap_or(0));
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// Gregorian date of a day number since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).expect("1..=31");
-    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).expect("1..=12");
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 #[cfg(test)]
@@ -1216,29 +1214,6 @@ mod tests {
     }
 
     #[test]
-    fn the_section_replaces_only_its_own_markers() {
-        let section = format!("{SECTION_START}\nnew\n{SECTION_END}");
-        let created = splice_section("", &section);
-        assert!(created.starts_with("# Benchmarks\n"));
-        assert!(created.contains("\nnew\n"));
-        let others = format!("# Benchmarks\n\n<!-- bench:x:start -->\nx\n<!-- bench:x:end -->\n");
-        let appended = splice_section(&others, &section);
-        assert_eq!(appended, format!("{others}\n{section}\n"));
-        let old = format!("{others}\n{SECTION_START}\nold\n{SECTION_END}\n\n## after\n");
-        let replaced = splice_section(&old, &section);
-        assert_eq!(replaced, format!("{others}\n{section}\n\n## after\n"));
-        assert_eq!(splice_section(&replaced, &section), replaced, "idempotent");
-    }
-
-    #[test]
-    fn dates_are_gregorian() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(20_000), (2024, 10, 4));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-    }
-
-    #[test]
     fn units_read_well() {
         assert_eq!(bytes(512.0), "512 B");
         assert_eq!(bytes(1_650.0), "1.65 kB");
@@ -1252,7 +1227,7 @@ mod tests {
     #[test]
     fn a_small_cluster_spreads_news_to_everyone() {
         let config = EngineConfig::from(&InfodConfig::default());
-        let outcome = Sim::new(8, 30, config, 1000).unwrap().run().unwrap();
+        let outcome = Sim::new(8, 30, config, 1000).run().unwrap();
         assert!((outcome.msgs_per_s - 1.0).abs() < 0.05, "{}", outcome.msgs_per_s);
         assert!(outcome.refused.is_empty(), "{:?}", outcome.refused);
         let (held, others) = outcome.join[2];
