@@ -191,7 +191,7 @@ pub async fn run(
 
     let engine = Engine::new(
         settings.me,
-        settings.map.clone(),
+        Arc::new(settings.map.clone()),
         EngineConfig::from(&settings.config.infod),
         incarnation,
         incarnation ^ u64::from(settings.me.0),
@@ -242,7 +242,7 @@ pub async fn run(
                         error!(map = %settings.config.map.display(), "new map moves or drops this node; keeping the old map");
                     } else {
                         info!(nodes = map.len(), "cluster map reloaded");
-                        engine.lock().expect("engine lock").set_map(map);
+                        engine.lock().expect("engine lock").set_map(Arc::new(map));
                     }
                 }
                 Err(e) => error!(error = %e, "bad cluster map; keeping the old one"),

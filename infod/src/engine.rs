@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use rand::SeedableRng as _;
 use rand::rngs::SmallRng;
@@ -80,7 +81,8 @@ impl Drop {
 #[derive(Debug)]
 pub struct Engine {
     me: NodeId,
-    map: ClusterMap,
+    /// Shared, since a simulation runs thousands of engines over one map.
+    map: Arc<ClusterMap>,
     /// The other nodes of the map in a random order, walked one per interval and reshuffled at the end:
     /// every peer is still a random choice, but none waits more than two rounds to hear from this node
     /// (with independent draws, a small cluster often leaves one node out for several intervals).
@@ -104,7 +106,7 @@ pub struct Engine {
 impl Engine {
     /// An engine for node `me` of `map`. `incarnation` must grow between runs of the same node (its start
     /// time in nanoseconds does); `seed` drives the choice of peers.
-    pub fn new(me: NodeId, map: ClusterMap, config: EngineConfig, incarnation: u64, seed: u64) -> Self {
+    pub fn new(me: NodeId, map: Arc<ClusterMap>, config: EngineConfig, incarnation: u64, seed: u64) -> Self {
         let peers = map.nodes().map(|n| n.id).filter(|&id| id != me).collect();
         Self {
             me,
@@ -140,7 +142,7 @@ impl Engine {
     }
 
     /// Replaces the map (SIGHUP). Information about nodes no longer in the map is forgotten.
-    pub fn set_map(&mut self, map: ClusterMap) {
+    pub fn set_map(&mut self, map: Arc<ClusterMap>) {
         self.peers = map.nodes().map(|n| n.id).filter(|&id| id != self.me).collect();
         self.next_peer = usize::MAX;
         self.known.retain(|id, _| map.get(NodeId(*id)).is_some());
@@ -175,7 +177,8 @@ impl Engine {
             counter: self.counter,
             sent_at_ms: wall_ms,
             own,
-            entries: self.window.freshest(now_ms, self.config.gossip_entries),
+            // News older than the down timeout would not make its node look alive anywhere: keep it home.
+            entries: self.window.freshest(now_ms, self.config.gossip_entries, self.config.down_after_ms),
         };
         Some((to, msg))
     }
@@ -230,6 +233,7 @@ impl Engine {
             return Err(Drop::Replay);
         }
         self.last_counter.insert(msg.sender, stamp);
+        self.window.expire(now_ms);
         self.learn(now_ms, 0, msg.own);
         for entry in msg.entries {
             if entry.vector.node != self.me.0 && self.map.get(NodeId(entry.vector.node)).is_some() {
@@ -297,6 +301,21 @@ impl Engine {
     /// this node and the live nodes of the window that accept guests and have the memory. Ties go to this
     /// node, then to the lower id. The chosen node's load is bumped locally by one job until its next vector.
     pub fn best(&mut self, now_ms: u64, mem_bytes: u64) -> NodeId {
+        let Some((node, version)) = self.choose(now_ms, mem_bytes) else { return self.me };
+        let bump = self.bumps.entry(node.0).or_insert((0.0, version));
+        if bump.1 != version {
+            *bump = (0.0, version);
+        }
+        bump.0 += 1.0;
+        node
+    }
+
+    /// What [`Engine::best`] would answer, without counting a job there.
+    pub fn peek_best(&self, now_ms: u64, mem_bytes: u64) -> NodeId {
+        self.choose(now_ms, mem_bytes).map_or(self.me, |(node, _)| node)
+    }
+
+    fn choose(&self, now_ms: u64, mem_bytes: u64) -> Option<(NodeId, (u64, u64))> {
         // (cost, not this node, id): the smallest wins.
         let mut best: Option<(f64, bool, u32, (u64, u64))> = None;
         let own = self.own.iter().map(|v| (v, true));
@@ -319,13 +338,7 @@ impl Engine {
                 best = Some(key);
             }
         }
-        let Some((_, _, node, version)) = best else { return self.me };
-        let bump = self.bumps.entry(node).or_insert((0.0, version));
-        if bump.1 != version {
-            *bump = (0.0, version);
-        }
-        bump.0 += 1.0;
-        NodeId(node)
+        best.map(|(_, _, node, version)| (NodeId(node), version))
     }
 
     /// The window (for simulations and tests).
@@ -346,14 +359,14 @@ mod tests {
 
     use super::*;
 
-    fn map(n: u32) -> ClusterMap {
-        ClusterMap::from_nodes((1..=n).map(|i| Node {
+    fn map(n: u32) -> Arc<ClusterMap> {
+        Arc::new(ClusterMap::from_nodes((1..=n).map(|i| Node {
             id: NodeId(i),
             addr: Ipv4Addr::new(10, 9, 0, u8::try_from(i).unwrap()),
             speed: 1.0,
             mem_weight: 1.0,
             line: 1,
-        }))
+        })))
     }
 
     fn config() -> EngineConfig {

@@ -73,9 +73,7 @@ impl Window {
                 std::cmp::Ordering::Less => Offer::NotNewer,
             };
         }
-        if self.entries.len() >= self.capacity {
-            self.expire(now_ms);
-        }
+        // A full window makes room by dropping its oldest entry (expired ones are the oldest).
         if self.entries.len() >= self.capacity {
             let (&oldest, entry) = self
                 .entries
@@ -97,10 +95,10 @@ impl Window {
         self.entries.retain(|_, e| e.age_ms(now_ms) < max_age);
     }
 
-    /// Up to `n` freshest entries, with their ages at `now_ms`, freshest first.
-    pub fn freshest(&self, now_ms: u64, n: usize) -> Vec<Entry> {
-        let mut all: Vec<&WindowEntry> =
-            self.entries.values().filter(|e| e.age_ms(now_ms) < self.max_age_ms).collect();
+    /// Up to `n` freshest entries younger than `younger_than_ms`, with their ages at `now_ms`, freshest first.
+    pub fn freshest(&self, now_ms: u64, n: usize, younger_than_ms: u64) -> Vec<Entry> {
+        let limit = younger_than_ms.min(self.max_age_ms);
+        let mut all: Vec<&WindowEntry> = self.entries.values().filter(|e| e.age_ms(now_ms) < limit).collect();
         all.sort_unstable_by_key(|e| (std::cmp::Reverse(e.origin_ms), e.vector.node));
         all.into_iter()
             .take(n)
@@ -178,10 +176,11 @@ mod tests {
         assert_eq!(w.offer(1000, 3000, v(2, 1)), Offer::TooOld);
         w.offer(1000, 1000, v(2, 1));
         w.offer(1000, 0, v(3, 1));
-        assert_eq!(w.freshest(2500, 10).iter().map(|e| e.age_ms).collect::<Vec<_>>(), [1500, 2500]);
+        assert_eq!(w.freshest(2500, 10, u64::MAX).iter().map(|e| e.age_ms).collect::<Vec<_>>(), [1500, 2500]);
+        assert_eq!(w.freshest(2500, 10, 2000).len(), 1, "older news stays home");
         w.expire(3000);
         assert_eq!(w.len(), 1);
-        assert_eq!(w.freshest(3000, 10)[0].vector.node, 3);
+        assert_eq!(w.freshest(3000, 10, u64::MAX)[0].vector.node, 3);
         w.expire(4000);
         assert!(w.is_empty());
     }
@@ -198,6 +197,6 @@ mod tests {
         assert_eq!(w.offer(10_000, 50, v(8, 1)), Offer::Taken);
         assert_eq!(w.len(), 3);
         assert!(w.get(4).is_none());
-        assert_eq!(w.freshest(10_000, 2).iter().map(|e| e.vector.node).collect::<Vec<_>>(), [8, 2]);
+        assert_eq!(w.freshest(10_000, 2, u64::MAX).iter().map(|e| e.vector.node).collect::<Vec<_>>(), [8, 2]);
     }
 }

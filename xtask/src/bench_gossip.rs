@@ -16,6 +16,7 @@
 //! the best node of each window is, and how long the dead node lingers.
 
 use std::cmp::{Ordering, Reverse};
+use std::sync::Arc;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::f64::consts::TAU;
 use std::fmt::Write as _;
@@ -399,7 +400,7 @@ struct Sim {
     seconds: u64,
     config: EngineConfig,
     interval_ms: u64,
-    map: ClusterMap,
+    map: Arc<ClusterMap>,
     nodes: Vec<SimNode>,
     queue: BinaryHeap<Reverse<Event>>,
     order: u64,
@@ -425,13 +426,13 @@ fn id(index: usize) -> u32 {
 impl Sim {
     fn new(n: usize, seconds: u64, config: EngineConfig, interval_ms: u64) -> Self {
         let mut rng = SmallRng::seed_from_u64(SEED ^ n as u64);
-        let map = ClusterMap::from_nodes((0..n).map(|i| Node {
+        let map = Arc::new(ClusterMap::from_nodes((0..n).map(|i| Node {
             id: NodeId(id(i)),
             addr: addr(i),
             speed: 1.0,
             mem_weight: 1.0,
             line: 1,
-        }));
+        })));
         let joiner = n - 1;
         let dead = rng.random_range(0..joiner);
         let mut sim = Self {
@@ -478,7 +479,7 @@ impl Sim {
         let node = &mut self.nodes[i];
         node.incarnation += at_us * 1000;
         node.engine =
-            Some(Engine::new(NodeId(id(i)), self.map.clone(), self.config.clone(), node.incarnation, seed));
+            Some(Engine::new(NodeId(id(i)), Arc::clone(&self.map), self.config.clone(), node.incarnation, seed));
         node.status = Status::Up;
         self.push(at_us, What::Tick(i));
     }
@@ -731,24 +732,10 @@ impl Sim {
         self.m.a2a_ranks.push(a2a_rank);
     }
 
-    /// The node `Engine::best` would choose for a job needing no memory, without its side effect (it bumps
-    /// the chosen node's load): the lowest placement cost among the observer's own last vector and its
-    /// window's entries younger than `down_after_ms` that accept guests; ties go to the observer, then to
-    /// the lower id.
+    /// The node `Engine::best` would choose for a job needing no memory, without counting a job there.
     fn best_of_window(&self, observer: usize, now_ms: u64) -> u32 {
         let node = &self.nodes[observer];
-        let engine = node.engine.as_ref().expect("an up node runs an engine");
-        let mut best = (node.last_cost, false, id(observer));
-        for e in engine.window().iter() {
-            if e.age_ms(now_ms) >= self.config.down_after_ms || e.vector.blocks_guests() {
-                continue;
-            }
-            let key = (e.vector.placement_cost(), true, e.vector.node);
-            if key.0.total_cmp(&best.0).then(key.1.cmp(&best.1)).then(key.2.cmp(&best.2)).is_lt() {
-                best = key;
-            }
-        }
-        best.2
+        node.engine.as_ref().expect("an up node runs an engine").peek_best(now_ms, 0).0
     }
 
     fn measure_alive_share(&mut self, t_us: u64) {
@@ -1066,8 +1053,8 @@ impl Report {
             .collect();
         writeln!(
             s,
-            "Host time per run: {}. Memory grows as N²: every engine holds its own copy of the cluster map \
-             (and its list of peers).\n",
+            "Host time per run: {}. The simulation's memory grows as N²: the engines share one cluster map, \
+             but each keeps its own shuffled list of peers.\n",
             runs.join("; ")
         )
     }
