@@ -1,4 +1,13 @@
-//! Checkpoint and restore of whole jobs (a process tree in its own PID namespace) through CRIU's RPC.
+//! Checkpoint and restore of whole jobs, the step migd moves jobs with.
 //!
-//! Nothing is implemented yet: this crate will hold the job model, the CRIU driver and the image transfer
-//! that migd uses to move a job from one node to another.
+//! A *job* is a process tree in its own PID namespace whose PID 1 is `rmosix-init` ([`job`]): restored PIDs
+//! never collide on the destination, and signals reach the program. Its stdin, stdout and stderr are pipes
+//! owned by its supervisor; at dump they are declared external and at restore replaced by new pipes, so output
+//! keeps flowing after a move. [`criu`] drives CRIU through its RPC (`criu swrk`). A dump leaves the job frozen,
+//! not dead, until the caller commits (kills it) or aborts (resumes it). [`migratable`] tells, before any dump,
+//! why a job can't move. [`transfer`] packs an image directory into a checksummed stream and unpacks it on the
+//! other side; [`images`] keeps image directories private and removes them whatever happens.
+
+pub mod images;
+pub mod migratable;
+pub mod transfer;

@@ -1,0 +1,1 @@
+//! Private image directories. (being written)

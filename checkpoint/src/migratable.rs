@@ -1,0 +1,1 @@
+//! Migratability check. (being written)
