@@ -8,6 +8,8 @@
 //! why a job can't move. [`transfer`] packs an image directory into a checksummed stream and unpacks it on the
 //! other side; [`images`] keeps image directories private and removes them whatever happens.
 
+pub mod criu;
 pub mod images;
+pub mod job;
 pub mod migratable;
 pub mod transfer;

@@ -1,1 +1,113 @@
-fn main() {}
+//! `rmosix-init PROGRAM [ARGS...]`: PID 1 of a job's PID namespace.
+//!
+//! The kernel gives a namespace's init no default signal actions, and makes it the parent of every orphan
+//! in the namespace. So the program does not run as PID 1 itself: this init runs it as PID 2, forwards to it
+//! every signal a user or the deputy may send (INT, TERM, HUP, QUIT, USR1, USR2, TSTP, CONT, WINCH, ALRM),
+//! reaps every child, and when the program ends, exits with its status (128+N if it died of signal N),
+//! which takes the rest of the namespace down with it.
+//!
+//! It is deliberately tiny and stateless between signals, since CRIU freezes and restores it with the job.
+
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt as _;
+use std::process::ExitCode;
+
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction, sigprocmask, SigmaskHow};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, execvp, fork};
+
+const FORWARDED: [Signal; 10] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGTSTP,
+    Signal::SIGCONT,
+    Signal::SIGWINCH,
+    Signal::SIGALRM,
+];
+
+extern "C" fn noop(_: libc::c_int) {}
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if args.is_empty() {
+        eprintln!("usage: rmosix-init PROGRAM [ARGS...]");
+        return ExitCode::from(2);
+    }
+    let argv: Vec<CString> = match args.iter().map(|a| CString::new(a.as_bytes())).collect() {
+        Ok(v) => v,
+        Err(_) => {
+            eprintln!("rmosix-init: an argument contains a NUL byte");
+            return ExitCode::from(2);
+        }
+    };
+
+    // A namespace init only receives signals it has a handler for: install one (it never runs, the
+    // signals stay blocked and are taken with sigwait), so signals from outside the namespace arrive.
+    let mut waited = SigSet::empty();
+    waited.add(Signal::SIGCHLD);
+    let action = SigAction::new(SigHandler::Handler(noop), SaFlags::SA_RESTART, SigSet::empty());
+    for sig in FORWARDED {
+        // SAFETY: installing a handler that does nothing.
+        let _ = unsafe { sigaction(sig, &action) };
+        waited.add(sig);
+    }
+    // SAFETY: as above; SIGCHLD needs a handler so that it is not discarded while blocked.
+    let _ = unsafe { sigaction(Signal::SIGCHLD, &action) };
+    if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited), None) {
+        eprintln!("rmosix-init: cannot block signals: {e}");
+        return ExitCode::from(125);
+    }
+
+    // SAFETY: single-threaded; the child only resets its signal state and execs.
+    let program = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+            for sig in FORWARDED.iter().chain(std::iter::once(&Signal::SIGCHLD)) {
+                // SAFETY: restoring default dispositions before exec.
+                let _ = unsafe { sigaction(*sig, &default) };
+            }
+            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+            let err = execvp(&argv[0], &argv).unwrap_err();
+            eprintln!("rmosix-init: cannot run {}: {err}", args[0].to_string_lossy());
+            // 127: command not found or not executable, as shells say.
+            std::process::exit(127);
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => {
+            eprintln!("rmosix-init: cannot fork: {e}");
+            return ExitCode::from(125);
+        }
+    };
+
+    loop {
+        let Ok(sig) = waited.wait() else { continue };
+        if sig != Signal::SIGCHLD {
+            let _ = nix::sys::signal::kill(program, sig);
+            continue;
+        }
+        if let Some(code) = reap(program) {
+            return ExitCode::from(code);
+        }
+    }
+}
+
+/// Reaps every child that has ended; returns the exit code once the program itself has ended.
+fn reap(program: Pid) -> Option<u8> {
+    let mut result = None;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == program => {
+                result = Some(u8::try_from(code).unwrap_or(255));
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == program => {
+                result = Some(u8::try_from(128 + sig as i32).unwrap_or(255));
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return result,
+            Ok(_) => {}
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! CRIU through its RPC: `criu swrk FD` speaks protobuf over a `SOCK_SEQPACKET` socket pair, as runc and
+//! youki drive it. No CLI output is parsed. The message types are the ones `rust-criu` generates from CRIU's
+//! `rpc.proto`; the request/response exchange is ours, because the options we rely on (`leave_stopped`,
+//! `inherit_fd` with our own descriptors, the restored PID) are not all reachable through its `Criu` type.
+//!
+//! Every operation writes its own log at level 4 into the log directory; a successful operation removes its
+//! log, a failed one keeps it and its path and error lines are part of the error.
+
+use std::fs::File;
+use std::io::{BufRead as _, BufReader};
+use std::os::fd::{AsRawFd as _, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use protobuf::{Enum as _, Message as _, MessageField};
+use rust_criu::rust_criu_protobuf::rpc::{
+    Criu_cg_mode, Criu_opts, Criu_req, Criu_req_type, Criu_resp, Inherit_fd,
+};
+
+/// Oldest CRIU accepted: 3.x fails on current kernels, and `leave_stopped` is needed.
+pub const MIN_VERSION: Version = Version { major: 4, minor: 0, sublevel: 0 };
+/// Where CRIU is looked for when nothing is configured: what `cargo xtask setup` installs when the system has
+/// no working criu >= 4.
+pub const DEFAULT_CRIU: &str = "/opt/rmosix/criu/bin/criu";
+
+/// A CRIU version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+    pub sublevel: u32,
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.sublevel)
+    }
+}
+
+/// A CRIU operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    #[error("cannot start {path} swrk: {source}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to {path} swrk: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} swrk sent an unreadable answer: {reason}")]
+    Protocol { path: PathBuf, reason: String },
+    #[error("CRIU {found} at {path} is too old: rmosix needs {MIN_VERSION} or newer (`cargo xtask setup` installs one)")]
+    TooOld { path: PathBuf, found: Version },
+    #[error("`criu check` fails for {path}: {}", log_lines.join("; "))]
+    CheckFailed { path: PathBuf, log_lines: Vec<String> },
+    #[error("CRIU {op} of pid {pid} failed{}: {}; log: {}", errno_text(*errno), error_lines.join("; "), log.display())]
+    Failed {
+        op: &'static str,
+        pid: i32,
+        errno: i32,
+        log: PathBuf,
+        error_lines: Vec<String>,
+    },
+    #[error("cannot prepare the CRIU log directory {path}: {source}")]
+    LogDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn errno_text(errno: i32) -> String {
+    if errno == 0 { String::new() } else { format!(" ({})", nix::errno::Errno::from_raw(errno).desc()) }
+}
+
+/// How to run criu: where it is and where its logs go.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    path: PathBuf,
+    log_dir: PathBuf,
+    version: Version,
+}
+
+/// Where a criu process must run (network namespace, cgroups), when the caller is elsewhere: a restore lands
+/// the job in the namespace and cgroups of the criu that restores it.
+#[derive(Debug, Default)]
+pub struct Placement {
+    /// A network namespace file (`/run/netns/NAME` or `/proc/PID/ns/net`) to enter.
+    pub netns: Option<File>,
+    /// `cgroup.procs` files (opened for writing) to join.
+    pub cgroup_procs: Vec<File>,
+}
+
+/// What a dump needs.
+#[derive(Debug)]
+pub struct DumpRequest<'a> {
+    /// Host PID of the root of the tree (the job's init).
+    pub pid: i32,
+    /// Open image directory.
+    pub images_dir: BorrowedFd<'a>,
+    /// Resources outside the tree that CRIU must record as external, e.g. `pipe:[1234]`.
+    pub external: Vec<String>,
+    /// Leave the tree frozen after the dump instead of killing it.
+    pub leave_stopped: bool,
+    /// Where criu runs: it must share the job's network namespace, or it would try to dump (and lock) that
+    /// namespace too.
+    pub placement: &'a Placement,
+}
+
+/// What a restore needs.
+#[derive(Debug)]
+pub struct RestoreRequest<'a> {
+    /// Open image directory.
+    pub images_dir: BorrowedFd<'a>,
+    /// Descriptors of ours that stand in for external resources, e.g. (`pipe:[1234]`, fd of a new pipe).
+    pub inherit: Vec<(String, BorrowedFd<'a>)>,
+    /// Where criu (and so the restored tree) runs.
+    pub placement: Placement,
+}
+
+static OPERATION: AtomicU64 = AtomicU64::new(0);
+
+impl Criu {
+    /// The criu at `path`, logging into `log_dir` (created 0700 if missing). Checks the version.
+    pub fn new(path: impl Into<PathBuf>, log_dir: impl Into<PathBuf>) -> Result<Self, CriuError> {
+        let path = path.into();
+        let log_dir = log_dir.into();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&log_dir)
+            .map_err(|source| CriuError::LogDir { path: log_dir.clone(), source })?;
+        let mut criu = Self { path, log_dir, version: Version { major: 0, minor: 0, sublevel: 0 } };
+        criu.version = criu.query_version()?;
+        if criu.version < MIN_VERSION {
+            return Err(CriuError::TooOld { path: criu.path, found: criu.version });
+        }
+        Ok(criu)
+    }
+
+    /// The version found at start.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The criu binary.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn query_version(&self) -> Result<Version, CriuError> {
+        let mut req = Criu_req::new();
+        req.set_type(Criu_req_type::VERSION);
+        let resp = self.call(&req, &[], &Placement::default())?;
+        let v = resp.version.as_ref().ok_or_else(|| self.protocol("no version in the answer"))?;
+        let num = |n: i32| u32::try_from(n).unwrap_or(0);
+        Ok(Version { major: num(v.major_number()), minor: num(v.minor_number()), sublevel: num(v.sublevel()) })
+    }
+
+    /// `criu check`: the kernel has what checkpoint/restore needs.
+    pub fn check(&self) -> Result<(), CriuError> {
+        let (log_name, log) = self.log_path("check", 0);
+        let work = File::open(&self.log_dir).map_err(|source| CriuError::LogDir { path: self.log_dir.clone(), source })?;
+        let mut opts = Criu_opts::new();
+        opts.set_images_dir_fd(work.as_raw_fd());
+        opts.set_work_dir_fd(work.as_raw_fd());
+        opts.set_log_file(log_name);
+        opts.set_log_level(4);
+        let mut req = Criu_req::new();
+        req.set_type(Criu_req_type::CHECK);
+        req.opts = MessageField::some(opts);
+        let resp = self.call(&req, &[work.as_raw_fd()], &Placement::default())?;
+        if resp.success() {
+            let _ = std::fs::remove_file(&log);
+            Ok(())
+        } else {
+            Err(CriuError::CheckFailed { path: self.path.clone(), log_lines: error_lines(&log) })
+        }
+    }
+
+    /// Dumps the tree rooted at `req.pid` into `req.images_dir`.
+    pub fn dump(&self, req: &DumpRequest<'_>) -> Result<(), CriuError> {
+        let (log_name, log) = self.log_path("dump", req.pid);
+        let work = File::open(&self.log_dir).map_err(|source| CriuError::LogDir { path: self.log_dir.clone(), source })?;
+        let mut opts = Criu_opts::new();
+        opts.set_pid(req.pid);
+        opts.set_images_dir_fd(req.images_dir.as_raw_fd());
+        opts.set_work_dir_fd(work.as_raw_fd());
+        opts.set_log_file(log_name);
+        opts.set_log_level(4);
+        opts.set_leave_running(false);
+        opts.set_leave_stopped(req.leave_stopped);
+        opts.set_file_locks(true);
+        // The job lands in the cgroups of the node that restores it, not of the node it came from.
+        opts.set_manage_cgroups_mode(Criu_cg_mode::IGNORE);
+        opts.external.clone_from(&req.external);
+        let mut msg = Criu_req::new();
+        msg.set_type(Criu_req_type::DUMP);
+        msg.opts = MessageField::some(opts);
+        let keep = [req.images_dir.as_raw_fd(), work.as_raw_fd()];
+        let resp = self.call(&msg, &keep, req.placement)?;
+        self.finish("dump", req.pid, &resp, &log).map(|_| ())
+    }
+
+    /// Restores the image set as a child of this process and returns its host PID.
+    pub fn restore(&self, req: &RestoreRequest<'_>) -> Result<i32, CriuError> {
+        let (log_name, log) = self.log_path("restore", 0);
+        let work = File::open(&self.log_dir).map_err(|source| CriuError::LogDir { path: self.log_dir.clone(), source })?;
+        let mut opts = Criu_opts::new();
+        opts.set_images_dir_fd(req.images_dir.as_raw_fd());
+        opts.set_work_dir_fd(work.as_raw_fd());
+        opts.set_log_file(log_name);
+        opts.set_log_level(4);
+        opts.set_rst_sibling(true);
+        opts.set_file_locks(true);
+        opts.set_manage_cgroups_mode(Criu_cg_mode::IGNORE);
+        let mut keep = vec![req.images_dir.as_raw_fd(), work.as_raw_fd()];
+        for (key, fd) in &req.inherit {
+            let mut i = Inherit_fd::new();
+            i.set_key(key.clone());
+            i.set_fd(fd.as_raw_fd());
+            opts.inherit_fd.push(i);
+            keep.push(fd.as_raw_fd());
+        }
+        let mut msg = Criu_req::new();
+        msg.set_type(Criu_req_type::RESTORE);
+        msg.opts = MessageField::some(opts);
+        let resp = self.call(&msg, &keep, &req.placement)?;
+        let resp = self.finish("restore", 0, &resp, &log)?;
+        let pid = resp.restore.as_ref().map(|r| r.pid()).filter(|&p| p > 0);
+        pid.ok_or_else(|| self.protocol("restore succeeded but named no pid"))
+    }
+
+    fn finish(&self, op: &'static str, pid: i32, resp: &Criu_resp, log: &Path) -> Result<Criu_resp, CriuError> {
+        if resp.success() {
+            let _ = std::fs::remove_file(log);
+            return Ok(resp.clone());
+        }
+        let mut lines = error_lines(log);
+        if resp.has_cr_errmsg() && !resp.cr_errmsg().is_empty() && !resp.cr_errmsg().contains("RLIMIT_NOFILE") {
+            lines.insert(0, resp.cr_errmsg().trim().to_owned());
+        }
+        Err(CriuError::Failed { op, pid, errno: resp.cr_errno(), log: log.to_owned(), error_lines: lines })
+    }
+
+    fn log_path(&self, op: &str, pid: i32) -> (String, PathBuf) {
+        let n = OPERATION.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{op}-{pid}-{}-{n}.log", std::process::id());
+        let path = self.log_dir.join(&name);
+        (name, path)
+    }
+
+    fn protocol(&self, reason: &str) -> CriuError {
+        CriuError::Protocol { path: self.path.clone(), reason: reason.to_owned() }
+    }
+
+    fn io(&self, source: std::io::Error) -> CriuError {
+        CriuError::Io { path: self.path.clone(), source }
+    }
+
+    /// Runs one request through a fresh `criu swrk`; `keep` are descriptors (of ours, close-on-exec) the
+    /// criu process must inherit under the same numbers.
+    fn call(&self, req: &Criu_req, keep: &[RawFd], placement: &Placement) -> Result<Criu_resp, CriuError> {
+        let (ours, theirs) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+                .map_err(|e| self.io(e.into()))?;
+        let mut inherit: Vec<RawFd> = keep.to_vec();
+        inherit.push(theirs.as_raw_fd());
+        let netns = placement.netns.as_ref().map(|f| f.as_raw_fd());
+        let cgroups: Vec<RawFd> = placement.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
+        let mut cmd = Command::new(&self.path);
+        cmd.arg("swrk").arg(theirs.as_raw_fd().to_string()).stdin(Stdio::null()).stdout(Stdio::null());
+        // SAFETY: only async-signal-safe calls (fcntl, setns, write) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(ns) = netns
+                    && libc::setns(ns, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for &procs in &cgroups {
+                    if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
+        drop(theirs);
+        let bytes = req.write_to_bytes().map_err(|e| self.protocol(&e.to_string()))?;
+        let result = exchange(&ours, &bytes).map_err(|e| self.io(e));
+        drop(ours);
+        let _ = child.wait();
+        let answer = result?;
+        let resp = Criu_resp::parse_from_bytes(&answer).map_err(|e| self.protocol(&e.to_string()))?;
+        if resp.type_() != req.type_() {
+            return Err(self.protocol(&format!(
+                "answer of type {} to a request of type {}",
+                resp.type_().value(),
+                req.type_().value()
+            )));
+        }
+        Ok(resp)
+    }
+}
+
+/// Sends one request and reads one answer on a SEQPACKET socket.
+fn exchange(socket: &OwnedFd, request: &[u8]) -> std::io::Result<Vec<u8>> {
+    let sent = nix::sys::socket::send(socket.as_raw_fd(), request, nix::sys::socket::MsgFlags::empty())?;
+    if sent != request.len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "short write to criu"));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match nix::sys::socket::recv(socket.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty()) {
+            Ok(0) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "criu closed the connection"));
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The lines of a CRIU log that say what went wrong.
+pub fn error_lines(log: &Path) -> Vec<String> {
+    let Ok(file) = File::open(log) else { return vec![format!("(no log at {})", log.display())] };
+    let mut lines: Vec<String> = BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE"))
+        .map(|l| l.trim().to_owned())
+        .collect();
+    // The first errors are the cause; later ones are usually consequences.
+    lines.truncate(8);
+    lines
+}
+
+use std::os::unix::fs::DirBuilderExt as _;

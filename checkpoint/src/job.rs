@@ -1,0 +1,351 @@
+//! The job: what migd starts, checkpoints and restores.
+//!
+//! A job is a process tree in its own PID namespace. Its PID 1 is `rmosix-init`, a small init that runs the
+//! program, forwards signals to it, reaps orphans, and exits with the program's status. Because the whole
+//! namespace is dumped, the restored tree gets a fresh namespace on the destination and keeps its inner PIDs,
+//! so they never collide with the destination's processes.
+//!
+//! The job's stdin, stdout and stderr are pipes whose other ends the supervisor (the caller) holds. At dump
+//! they are declared external, and at restore new pipes take their place, so output keeps flowing after a
+//! move. The inodes of the pipes a job holds are written beside its images, since the restore needs them.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use crate::criu::{Criu, CriuError, DumpRequest, Placement, RestoreRequest};
+use crate::images::ImageDir;
+use crate::migratable;
+
+/// Name of the file beside the images that records the job's pipe inodes.
+pub const META_FILE: &str = "rmosix-job.meta";
+
+/// Whose job it is: the identity the program runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// `rmosix-init`.
+    pub init: PathBuf,
+    /// The program (looked up in `PATH` of `env` if it has no slash).
+    pub program: OsString,
+    /// Its arguments, without the program name.
+    pub args: Vec<OsString>,
+    /// The whole environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// Identity to take; `None` keeps the caller's.
+    pub credentials: Option<Credentials>,
+    /// File mode creation mask.
+    pub umask: u32,
+}
+
+/// The supervisor's ends of a job's stdio.
+#[derive(Debug)]
+pub struct Stdio {
+    /// Write end of the job's stdin.
+    pub stdin: OwnedFd,
+    /// Read end of the job's stdout.
+    pub stdout: OwnedFd,
+    /// Read end of the job's stderr.
+    pub stderr: OwnedFd,
+}
+
+/// A running job.
+#[derive(Debug)]
+pub struct Job {
+    pid: Pid,
+    /// Inodes of the pipes the job holds as stdin, stdout, stderr.
+    pipes: [u64; 3],
+}
+
+/// A job that could not be started, dumped or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot start job {program:?}: {what}: {source}")]
+    Spawn {
+        program: OsString,
+        what: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{program:?}: {what} contains a NUL byte")]
+    Nul { program: OsString, what: &'static str },
+    #[error("job {pid} cannot move: {}", reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    NotMigratable { pid: i32, reasons: Vec<migratable::Reason> },
+    #[error("cannot inspect job {pid}: {source}")]
+    Inspect {
+        pid: i32,
+        #[source]
+        source: migratable::InspectError,
+    },
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error("job metadata {path}: {reason}")]
+    Meta { path: PathBuf, reason: String },
+    #[error("cannot {what} job {pid}: {source}")]
+    Signal {
+        what: &'static str,
+        pid: i32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot create pipes: {0}")]
+    Pipe(#[source] nix::Error),
+}
+
+/// Three pipes: the job's ends and ours.
+struct Pipes {
+    job: [OwnedFd; 3],
+    ours: Stdio,
+}
+
+fn pipes() -> Result<Pipes, JobError> {
+    let flags = nix::fcntl::OFlag::O_CLOEXEC;
+    let (in_r, in_w) = nix::unistd::pipe2(flags).map_err(JobError::Pipe)?;
+    let (out_r, out_w) = nix::unistd::pipe2(flags).map_err(JobError::Pipe)?;
+    let (err_r, err_w) = nix::unistd::pipe2(flags).map_err(JobError::Pipe)?;
+    Ok(Pipes { job: [in_r, out_w, err_w], ours: Stdio { stdin: in_w, stdout: out_r, stderr: err_r } })
+}
+
+fn inode(fd: BorrowedFd<'_>) -> u64 {
+    nix::sys::stat::fstat(fd).map_or(0, |s| s.st_ino)
+}
+
+fn cstring(program: &OsStr, what: &'static str, s: &OsStr) -> Result<CString, JobError> {
+    CString::new(s.as_bytes()).map_err(|_| JobError::Nul { program: program.to_owned(), what })
+}
+
+impl Job {
+    /// Starts a job: `rmosix-init` as PID 1 of a new PID namespace, running the program with the given
+    /// identity, environment, directory and umask, its stdio connected to new pipes whose other ends are
+    /// returned. The job is a child of the caller.
+    pub fn spawn(spec: &JobSpec, placement: &Placement) -> Result<(Self, Stdio), JobError> {
+        let program = spec.program.clone();
+        let c = |what, s: &OsStr| cstring(&program, what, s);
+        let init = c("init path", spec.init.as_os_str())?;
+        let mut argv = vec![init.clone(), c("program", &spec.program)?];
+        for a in &spec.args {
+            argv.push(c("argument", a)?);
+        }
+        let mut envp = Vec::new();
+        for (k, v) in &spec.env {
+            let mut kv = k.clone();
+            kv.push("=");
+            kv.push(v);
+            envp.push(c("environment", &kv)?);
+        }
+        let cwd = c("working directory", spec.cwd.as_os_str())?;
+        let argv_ptrs: Vec<*const libc::c_char> =
+            argv.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+        let envp_ptrs: Vec<*const libc::c_char> =
+            envp.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+        let pipes = pipes()?;
+        let job_fds: [RawFd; 3] = [pipes.job[0].as_raw_fd(), pipes.job[1].as_raw_fd(), pipes.job[2].as_raw_fd()];
+        let netns = placement.netns.as_ref().map(|f| f.as_raw_fd());
+        let cgroups: Vec<RawFd> = placement.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
+        let creds = spec.credentials.clone();
+        let groups: Vec<libc::gid_t> = creds.as_ref().map(|c| c.groups.clone()).unwrap_or_default();
+        let umask = spec.umask;
+
+        // Runs in the child, PID 1 of the new namespace, until exec: async-signal-safe calls only.
+        let child = move || -> isize {
+            // SAFETY: raw system calls on descriptors and buffers prepared before the clone.
+            unsafe {
+                if let Some(ns) = netns
+                    && libc::setns(ns, libc::CLONE_NEWNET) != 0
+                {
+                    return 120;
+                }
+                for &procs in &cgroups {
+                    if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                        return 121;
+                    }
+                }
+                for (target, &fd) in job_fds.iter().enumerate() {
+                    #[expect(clippy::cast_possible_wrap, clippy::cast_possible_truncation, reason = "0..3")]
+                    if libc::dup2(fd, target as i32) < 0 {
+                        return 122;
+                    }
+                }
+                if libc::setsid() < 0 {
+                    return 123;
+                }
+                if let Some(c) = &creds {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(c.gid) != 0
+                        || libc::setuid(c.uid) != 0
+                    {
+                        return 124;
+                    }
+                }
+                libc::umask(umask);
+                if libc::chdir(cwd.as_ptr()) != 0 {
+                    return 125;
+                }
+                libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
+                126
+            }
+        };
+        let mut stack = vec![0u8; 256 * 1024];
+        // SAFETY: the child only runs the closure above (async-signal-safe) and then execs or exits.
+        let pid = unsafe {
+            nix::sched::clone(
+                Box::new(child),
+                &mut stack,
+                nix::sched::CloneFlags::CLONE_NEWPID,
+                Some(libc::SIGCHLD),
+            )
+        }
+        .map_err(|source| JobError::Spawn { program: spec.program.clone(), what: "clone", source })?;
+        let inodes = [inode(pipes.job[0].as_fd()), inode(pipes.job[1].as_fd()), inode(pipes.job[2].as_fd())];
+        drop(pipes.job);
+        Ok((Self { pid, pipes: inodes }, pipes.ours))
+    }
+
+    /// Host PID of the job's init.
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    /// Sends a signal to the job's init, which forwards it to the program.
+    pub fn signal(&self, signal: Signal) -> Result<(), JobError> {
+        nix::sys::signal::kill(self.pid, signal).map_err(|source| JobError::Signal {
+            what: "signal",
+            pid: self.pid(),
+            source,
+        })
+    }
+
+    /// Waits for the job to end; returns its exit code (128+N when the program died of signal N).
+    pub fn wait(&self) -> Result<i32, JobError> {
+        loop {
+            match nix::sys::wait::waitpid(self.pid, None) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(source) => return Err(JobError::Signal { what: "wait for", pid: self.pid(), source }),
+            }
+        }
+    }
+
+    /// Checks that the job can move, then dumps it into `images` and leaves it frozen. Nothing is lost if a
+    /// later step fails: [`Frozen::abort`] resumes the job where it was; [`Frozen::commit`] ends it once the
+    /// job runs elsewhere. `placement` puts criu in the job's network namespace when the caller is not.
+    pub fn dump(&self, criu: &Criu, images: &ImageDir, placement: &Placement) -> Result<Frozen, JobError> {
+        let reasons = migratable::check(self.pid())
+            .map_err(|source| JobError::Inspect { pid: self.pid(), source })?;
+        if !reasons.is_empty() {
+            return Err(JobError::NotMigratable { pid: self.pid(), reasons });
+        }
+        let meta = images.path().join(META_FILE);
+        let text = format!("pipes {} {} {}\n", self.pipes[0], self.pipes[1], self.pipes[2]);
+        std::fs::write(&meta, text).map_err(|e| JobError::Meta { path: meta.clone(), reason: e.to_string() })?;
+        let dir = images.open_dir().map_err(|e| JobError::Meta { path: images.path().to_owned(), reason: e.to_string() })?;
+        let request = DumpRequest {
+            pid: self.pid(),
+            images_dir: dir.as_fd(),
+            external: self.pipes.iter().map(|ino| format!("pipe:[{ino}]")).collect(),
+            leave_stopped: true,
+            placement,
+        };
+        match criu.dump(&request) {
+            Ok(()) => Ok(Frozen { pid: self.pid, done: false }),
+            Err(e) => {
+                // A failed dump may leave the tree stopped: it must keep running where it was.
+                resume_tree(self.pid);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Restores the job whose images are in `images`, as a child of the caller, placed as `placement` says
+    /// (the caller's network namespace and cgroups when empty), with new stdio pipes.
+    pub fn restore(criu: &Criu, images: &ImageDir, placement: Placement) -> Result<(Self, Stdio), JobError> {
+        let meta = images.path().join(META_FILE);
+        let bad = |reason: String| JobError::Meta { path: meta.clone(), reason };
+        let text = std::fs::read_to_string(&meta).map_err(|e| bad(e.to_string()))?;
+        let old: Vec<u64> = text
+            .strip_prefix("pipes ")
+            .map(|rest| rest.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default();
+        if old.len() != 3 {
+            return Err(bad(format!("expected `pipes IN OUT ERR`, found {text:?}")));
+        }
+        let pipes = pipes()?;
+        let dir = images.open_dir().map_err(|e| bad(e.to_string()))?;
+        let request = RestoreRequest {
+            images_dir: dir.as_fd(),
+            inherit: old.iter().zip(&pipes.job).map(|(ino, fd)| (format!("pipe:[{ino}]"), fd.as_fd())).collect(),
+            placement,
+        };
+        let pid = criu.restore(&request)?;
+        let inodes = [inode(pipes.job[0].as_fd()), inode(pipes.job[1].as_fd()), inode(pipes.job[2].as_fd())];
+        drop(pipes.job);
+        Ok((Self { pid: Pid::from_raw(pid), pipes: inodes }, pipes.ours))
+    }
+}
+
+/// A dumped job, stopped where it was, waiting for the caller's decision.
+#[derive(Debug)]
+pub struct Frozen {
+    pid: Pid,
+    done: bool,
+}
+
+impl Frozen {
+    /// The job runs elsewhere now: end this copy (the whole PID namespace goes with its init) and reap it.
+    pub fn commit(mut self) -> Result<(), JobError> {
+        self.done = true;
+        nix::sys::signal::kill(self.pid, Signal::SIGKILL)
+            .map_err(|source| JobError::Signal { what: "kill", pid: self.pid.as_raw(), source })?;
+        let _ = nix::sys::wait::waitpid(self.pid, None);
+        Ok(())
+    }
+
+    /// The move failed: resume the job where it was.
+    pub fn abort(mut self) {
+        self.done = true;
+        resume_tree(self.pid);
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // Neither committed nor aborted (an early return, a panic): never leave a job stopped for good.
+        if !self.done {
+            resume_tree(self.pid);
+        }
+    }
+}
+
+/// Sends SIGCONT to every process of the tree rooted at `root`.
+fn resume_tree(root: Pid) {
+    for pid in migratable::job_processes(root.as_raw()).unwrap_or_else(|_| vec![root.as_raw()]) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGCONT);
+    }
+}
+
+/// Opens the placement of a node: its network namespace file and its cgroups' `cgroup.procs`.
+pub fn placement(netns: Option<&Path>, cgroups: &[PathBuf]) -> std::io::Result<Placement> {
+    let netns = netns.map(File::open).transpose()?;
+    let cgroup_procs = cgroups
+        .iter()
+        .map(|dir| std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs")))
+        .collect::<std::io::Result<Vec<File>>>()?;
+    Ok(Placement { netns, cgroup_procs })
+}

@@ -1,0 +1,266 @@
+//! Checkpoint and restore of whole jobs with real CRIU, as root: the job's output after a move is exactly
+//! what an unmoved run prints, in the same and in another network namespace, for single- and multi-threaded
+//! programs, open files, and forked children; a job CRIU can't move is refused with a reason and keeps
+//! running; a restore that fails leaves the original to resume.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rmosix_checkpoint::criu::{Criu, DEFAULT_CRIU, Placement};
+use rmosix_checkpoint::images::ImageDir;
+use rmosix_checkpoint::job::{Job, JobError, JobSpec, Stdio, placement};
+use rmosix_checkpoint::migratable::Reason;
+use rmosix_checkpoint::transfer;
+use rmosix_testcluster::{Cluster, Spec, bin_dir_of_current_test};
+
+const IMAGES: &str = "/dev/shm/rmosix-test";
+
+fn criu() -> Criu {
+    let path = std::env::var_os("RMOSIX_CRIU").map_or_else(|| PathBuf::from(DEFAULT_CRIU), PathBuf::from);
+    assert!(path.exists(), "no CRIU at {}: run `cargo xtask setup`", path.display());
+    let criu = Criu::new(path, "/dev/shm/rmosix-test-logs").unwrap_or_else(|e| panic!("{e}"));
+    criu.check().unwrap_or_else(|e| panic!("{e}"));
+    criu
+}
+
+fn job_program() -> OsString {
+    env!("CARGO_BIN_EXE_rmx-job").into()
+}
+
+fn spec(args: &[&str]) -> JobSpec {
+    JobSpec {
+        init: bin_dir_of_current_test().join("rmosix-init"),
+        program: job_program(),
+        args: args.iter().map(OsString::from).collect(),
+        env: std::env::vars_os().collect(),
+        cwd: std::env::current_dir().unwrap(),
+        credentials: None,
+        umask: 0o022,
+    }
+}
+
+/// What an unmoved run prints.
+fn reference(args: &[&str]) -> Vec<String> {
+    let out = std::process::Command::new(job_program()).args(args).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
+}
+
+/// Reads a pipe's lines on a thread, sending each as it arrives; ends at EOF.
+fn reader(fd: OwnedFd) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(File::from(fd)).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn take(rx: &mpsc::Receiver<String>, n: usize, into: &mut Vec<String>) {
+    for _ in 0..n {
+        into.push(rx.recv_timeout(Duration::from_secs(60)).expect("job output stalled"));
+    }
+}
+
+fn drain(rx: &mpsc::Receiver<String>, into: &mut Vec<String>) {
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(120)) {
+        into.push(line);
+    }
+}
+
+/// Moves a running job: dump (frozen), restore where `to` says, commit. Returns the new job and its stdio.
+fn move_job(criu: &Criu, job: &Job, from: &Placement, to: Placement) -> (Job, Stdio) {
+    let images = ImageDir::create(Path::new(IMAGES)).unwrap();
+    let frozen = job.dump(criu, &images, from).unwrap_or_else(|e| panic!("{e}"));
+    let (restored, stdio) = Job::restore(criu, &images, to).unwrap_or_else(|e| panic!("{e}"));
+    frozen.commit().unwrap();
+    (restored, stdio)
+}
+
+/// Runs `args` as a job, moves it once after `before` lines, and checks the whole output and exit status.
+fn moved_run_matches(args: &[&str], before: usize, to: impl FnOnce() -> Placement) {
+    let criu = criu();
+    let expected = reference(args);
+    let (job, stdio) = Job::spawn(&spec(args), &Placement::default()).unwrap();
+    let rx = reader(stdio.stdout);
+    let mut seen = Vec::new();
+    take(&rx, before, &mut seen);
+    let (restored, new_stdio) = move_job(&criu, &job, &Placement::default(), to());
+    // The old pipe ends when the old copy is gone; whatever it had buffered comes first.
+    drain(&rx, &mut seen);
+    assert_eq!(job.wait().ok(), None, "the old copy was reaped by commit");
+    let rx = reader(new_stdio.stdout);
+    drain(&rx, &mut seen);
+    assert_eq!(restored.wait().unwrap(), 0);
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn a_cpu_bound_job_restored_in_the_same_namespace_prints_what_an_unmoved_run_prints() {
+    moved_run_matches(&["spin", "300", "300000"], 20, Placement::default);
+}
+
+#[test]
+fn a_multi_threaded_job_survives_a_move() {
+    moved_run_matches(&["threads", "5", "200", "200000"], 15, Placement::default);
+}
+
+#[test]
+fn a_job_that_forked_a_child_survives_a_move() {
+    moved_run_matches(&["fork", "300", "300000"], 20, Placement::default);
+}
+
+#[test]
+fn open_files_keep_their_offsets_and_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let data: Vec<u8> = (0..10_000u32).map(|i| u8::try_from(i * 31 % 251).unwrap()).collect();
+    std::fs::write(&input, &data).unwrap();
+    let (plain_out, moved_out) = (dir.path().join("plain"), dir.path().join("moved"));
+    let (i, p, m) = (input.to_str().unwrap(), plain_out.to_str().unwrap(), moved_out.to_str().unwrap());
+    let expected = reference(&["files", i, p, "300", "300000"]);
+
+    let criu = criu();
+    let (job, stdio) = Job::spawn(&spec(&["files", i, m, "300", "300000"]), &Placement::default()).unwrap();
+    let rx = reader(stdio.stdout);
+    let mut seen = Vec::new();
+    take(&rx, 25, &mut seen);
+    let (restored, new_stdio) = move_job(&criu, &job, &Placement::default(), Placement::default());
+    drain(&rx, &mut seen);
+    drain(&reader(new_stdio.stdout), &mut seen);
+    assert_eq!(restored.wait().unwrap(), 0);
+    assert_eq!(seen, expected);
+    assert_eq!(std::fs::read(&moved_out).unwrap(), std::fs::read(&plain_out).unwrap());
+}
+
+#[test]
+fn a_job_moves_between_network_namespaces_through_a_tcp_stream_and_back() {
+    let cluster = Cluster::up(Spec::new("ckpt", 2, bin_dir_of_current_test())).unwrap();
+    let node = |i: u32| {
+        placement(Some(&Path::new("/run/netns").join(cluster.netns(i))), &cluster.cgroups(i)).unwrap()
+    };
+    let criu = criu();
+    let args = ["spin", "400", "300000"];
+    let expected = reference(&args);
+    let (job, stdio) = Job::spawn(&spec(&args), &node(1)).unwrap();
+    let rx = reader(stdio.stdout);
+    let mut seen = Vec::new();
+    take(&rx, 20, &mut seen);
+
+    // Node 1 dumps and streams the images over TCP to node 2, which unpacks and restores them.
+    let source_images = ImageDir::create(Path::new(IMAGES)).unwrap();
+    let frozen = job.dump(&criu, &source_images, &node(1)).unwrap();
+    let listener = in_netns(&cluster.netns(2), || std::net::TcpListener::bind("10.213.0.2:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let src = source_images.path().to_owned();
+    let sender = std::thread::spawn({
+        let ns = cluster.netns(1);
+        move || {
+            in_netns(&ns, || {
+                let mut stream = std::net::TcpStream::connect(("10.213.0.2", port)).unwrap();
+                transfer::pack(&src, &mut stream).unwrap();
+                stream.flush().unwrap();
+            });
+        }
+    });
+    let (mut conn, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip().to_string(), "10.213.0.1");
+    let dest_images = ImageDir::create(Path::new(IMAGES)).unwrap();
+    transfer::unpack(&mut conn, dest_images.path()).unwrap();
+    sender.join().unwrap();
+    let (on_node2, stdio2) = Job::restore(&criu, &dest_images, node(2)).unwrap();
+    frozen.commit().unwrap();
+    drop((source_images, dest_images));
+    drain(&rx, &mut seen);
+
+    // It runs in node 2's namespace and cgroups now.
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", on_node2.pid())).unwrap();
+    assert!(cgroup.contains(":cpuset:/rmosix-ckpt/node2"), "{cgroup}");
+    let ns = std::fs::read_link(format!("/proc/{}/ns/net", on_node2.pid())).unwrap();
+    let node2_ns = in_netns(&cluster.netns(2), || std::fs::read_link("/proc/thread-self/ns/net").unwrap());
+    assert_eq!(ns, node2_ns);
+
+    // And back home, after some more output.
+    let rx2 = reader(stdio2.stdout);
+    take(&rx2, 20, &mut seen);
+    let (home, stdio3) = move_job(&criu, &on_node2, &node(2), node(1));
+    drain(&rx2, &mut seen);
+    drain(&reader(stdio3.stdout), &mut seen);
+    assert_eq!(home.wait().unwrap(), 0);
+    assert_eq!(seen, expected);
+}
+
+fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let ns = File::open(Path::new("/run/netns").join(netns)).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+#[test]
+fn a_job_holding_a_tcp_socket_is_refused_with_the_reason_and_keeps_running() {
+    let criu = criu();
+    let args = ["tcp", "200", "300000"];
+    let expected = reference(&args);
+    let (job, stdio) = Job::spawn(&spec(&args), &Placement::default()).unwrap();
+    let rx = reader(stdio.stdout);
+    let mut seen = Vec::new();
+    take(&rx, 5, &mut seen);
+    let images = ImageDir::create(Path::new(IMAGES)).unwrap();
+    match job.dump(&criu, &images, &Placement::default()) {
+        Err(JobError::NotMigratable { reasons, .. }) => {
+            assert!(reasons.iter().any(|r| matches!(r, Reason::InetSocket { .. })), "{reasons:?}");
+            let text = JobError::NotMigratable { pid: job.pid(), reasons }.to_string();
+            assert!(text.contains("TCP") && text.contains("127.0.0.1"), "{text}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    drain(&rx, &mut seen);
+    assert_eq!(job.wait().unwrap(), 0);
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn a_failed_restore_leaves_the_original_to_resume() {
+    let criu = criu();
+    let args = ["spin", "300", "300000"];
+    let expected = reference(&args);
+    let (job, stdio) = Job::spawn(&spec(&args), &Placement::default()).unwrap();
+    let rx = reader(stdio.stdout);
+    let mut seen = Vec::new();
+    take(&rx, 10, &mut seen);
+    let images = ImageDir::create(Path::new(IMAGES)).unwrap();
+    let frozen = job.dump(&criu, &images, &Placement::default()).unwrap();
+    // Lines written before the freeze may still be in the pipe; after them, nothing while frozen.
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+        seen.push(line);
+    }
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "a frozen job printed");
+    // Corrupt the core image of every task.
+    for entry in std::fs::read_dir(images.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with("core-") {
+            std::fs::write(&path, b"garbage").unwrap();
+        }
+    }
+    let err = Job::restore(&criu, &images, Placement::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("CRIU restore") && text.contains("log: /dev/shm/rmosix-test-logs/"), "{text}");
+    frozen.abort();
+    drain(&rx, &mut seen);
+    assert_eq!(job.wait().unwrap(), 0);
+    assert_eq!(seen, expected);
+}
