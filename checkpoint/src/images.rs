@@ -158,9 +158,7 @@ impl ImageDir {
     /// Opens the directory (`O_DIRECTORY | O_CLOEXEC`), for `*at` calls or to hold it open.
     pub fn open_dir(&self) -> Result<OwnedFd, ImagesError> {
         let path = self.path();
-        open_directory(path)
-            .map(OwnedFd::from)
-            .map_err(|source| ImagesError::Open { path: path.to_owned(), source })
+        open_directory(path).map(OwnedFd::from).map_err(|source| ImagesError::Open { path: path.to_owned(), source })
     }
 
     /// Opens the directory *without* `O_CLOEXEC`, for CRIU's RPC `images_dir_fd`.
@@ -170,10 +168,8 @@ impl ImageDir {
     /// descriptor is open inherits it too. Keep it open only around the CRIU request, and drop it right after.
     pub fn open_dir_inheritable(&self) -> Result<OwnedFd, ImagesError> {
         let fd = self.open_dir()?;
-        fcntl(&fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|errno| ImagesError::Open {
-            path: self.path().to_owned(),
-            source: io::Error::from(errno),
-        })?;
+        fcntl(&fd, FcntlArg::F_SETFD(FdFlag::empty()))
+            .map_err(|errno| ImagesError::Open { path: self.path().to_owned(), source: io::Error::from(errno) })?;
         Ok(fd)
     }
 
@@ -244,7 +240,7 @@ fn prepare_base(base: &Path) -> Result<(), ImagesError> {
     let base_error = |source| ImagesError::Base { path: base.to_owned(), source };
     match DirBuilder::new().mode(PRIVATE_MODE).create(base) {
         Ok(()) => {
-            // Parents are made only if the base itself is new; made by us, the base gets exactly 0700.
+            // Made by us: exactly 0700, whatever the umask.
             fs::set_permissions(base, Permissions::from_mode(PRIVATE_MODE)).map_err(base_error)?;
             return Ok(());
         }
@@ -261,7 +257,8 @@ fn prepare_base(base: &Path) -> Result<(), ImagesError> {
         return Err(ImagesError::BaseNotDirectory { path: base.to_owned() });
     }
     let us = nix::unistd::geteuid().as_raw();
-    // Root may use a root-owned base; anyone may use a sticky, world-writable one such as /dev/shm.
+    // In a sticky directory (like /dev/shm) only an entry's owner can rename or remove it, so then the
+    // base's owner and mode don't matter.
     let sticky = metadata.mode() & 0o1000 != 0;
     if metadata.uid() != us && !sticky {
         return Err(ImagesError::BaseNotOurs { path: base.to_owned(), owner: metadata.uid(), us });
@@ -390,6 +387,21 @@ mod tests {
         let error = ImageDir::create(&base).unwrap_err();
         assert!(matches!(error, ImagesError::BaseNotDirectory { .. }), "{error}");
         assert!(error.to_string().contains("file"));
+    }
+
+    #[test]
+    fn refuses_a_base_owned_by_another_user() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("skipped: making a directory owned by another user needs root");
+            return;
+        }
+        let scratch = tempfile::tempdir().unwrap();
+        let base = scratch.path().join("theirs");
+        fs::create_dir(&base).unwrap();
+        fs::set_permissions(&base, Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::chown(&base, Some(65534), Some(65534)).unwrap();
+        let error = ImageDir::create(&base).unwrap_err();
+        assert!(matches!(error, ImagesError::BaseNotOurs { owner: 65534, us: 0, .. }), "{error}");
     }
 
     #[test]

@@ -31,19 +31,24 @@
 //! - **`SysV` shared memory** ([`Reason::SysvShmWithoutIpcNamespace`]): CRIU moves it only with the job's
 //!   own IPC namespace ("doesn't live in IPC ns").
 //! - **memory shared with a process outside the job** ([`Reason::SharedMemory`]): a `MAP_SHARED` mapping
-//!   (file, `/dev/shm`, memfd, shared anonymous memory, `SysV`) that a process outside the job maps too,
-//!   writable on one side at least. CRIU dumps it without complaint, and after the move the two sides
-//!   would silently stop sharing. Found by comparing `(device, inode)` against the maps of every other
-//!   process, read only when the job has shared mappings at all.
+//!   of memory (shared anonymous memory, `SysV`, memfd, tmpfs such as `/dev/shm`) that a process outside
+//!   the job maps too, writable on one side at least, or of a file on disk that the job writes to. CRIU
+//!   dumps it without complaint, and after the move the two sides would silently stop sharing. Found by
+//!   comparing `(device, inode)` against the maps of every other process, read only when the job has
+//!   shared mappings at all.
 //! - **nested namespaces** ([`Reason::NestedNamespace`]): a job process in a pid, ipc, uts, user, cgroup
 //!   or time namespace other than the job root's and ours ("Can't dump nested pid namespace").
 //!
 //! Not checked, on purpose: pipes and FIFOs whose other end is outside (CRIU dumps them; only the job's
 //! stdio are such, and they are declared external); file locks (CRIU dumps them when asked,
 //! `file_locks`); deleted files larger than CRIU's ghost limit (a dump option, not a property of the job);
-//! unix sockets whose outside peer is only queued, not yet accepted (rare, and CRIU says so clearly);
-//! mount points CRIU can't handle (that depends on how the job's mount namespace is set up, which
-//! belongs to the code that starts jobs).
+//! unix sockets whose outside peer is only queued, not yet accepted, and unix sockets made in another
+//! network namespace than the one their process is in now (rare; CRIU says so clearly); mount points CRIU
+//! can't handle (that depends on how the job's mount namespace is set up, which belongs to the code that
+//! starts jobs).
+//!
+//! The socket reasons are about CRIU 4.1 on Linux 6.16 and later: with CRIU 4.2, listening inet sockets
+//! dump, and [`Reason::InetSocket`] and [`Reason::PacketSocket`] must be narrowed.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -747,6 +752,14 @@ enum FdClass {
 /// Reads one job process; `None` if it is gone.
 fn read_process(proc: &ProcFs, pid: i32) -> Result<Option<Process>, InspectError> {
     let dir = proc.of(pid);
+    // A zombie has no files nor memory left (CRIU dumps it as such), and its fd directory can't be read
+    // without privilege.
+    if let Some(stat) = read_text(pid, &dir.join("stat"))?
+        && matches!(state_of(&stat), Some('Z' | 'X'))
+    {
+        let namespaces = read_namespaces(&dir);
+        return Ok(Some(Process { pid, traced: Vec::new(), fds: Vec::new(), maps: Vec::new(), namespaces }));
+    }
     let Some(threads) = list_dir(pid, &dir.join("task"))? else {
         return Ok(None);
     };
@@ -844,6 +857,12 @@ fn list_dir(pid: i32, path: &Path) -> Result<Option<Vec<String>>, InspectError> 
         }
     }
     Ok(Some(names))
+}
+
+/// The state letter of a `stat` file (`42 (name) S ...`; the name may hold anything, the state follows the
+/// last parenthesis).
+fn state_of(stat: &str) -> Option<char> {
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// The `TracerPid` of a `status` file, if not 0.
@@ -1122,12 +1141,14 @@ fn sockets(
             None => by_netns.push((netns, vec![process])),
         }
     }
+    // A socket inherited by many processes (workers sharing a listener) is told once, for the first.
+    let mut told = HashSet::new();
     for (_, members) in by_netns {
         let Some(tables) = read_net_tables(proc, &members)? else { continue };
         let mut unix_peers: Option<HashMap<u64, u64>> = None;
         for process in members {
             for fd in &process.fds {
-                let Some(inode) = socket_of(fd) else { continue };
+                let Some(inode) = socket_of(fd).filter(|inode| told.insert(*inode)) else { continue };
                 let (pid, fd) = (process.pid, fd.fd);
                 if let Some(inet) = tables.inet.get(&inode) {
                     let InetEntry { protocol, local, remote } = inet.clone();
@@ -1135,6 +1156,7 @@ fn sockets(
                 } else if tables.packet.contains(&inode) {
                     reasons.push(Reason::PacketSocket { pid, fd });
                 } else if tables.netlink.contains(&inode) {
+                    // CRIU dumps netlink sockets.
                 } else if let Some(unix) = tables.unix.get(&inode) {
                     let unix_peers = unix_peers.get_or_insert_with(|| {
                         peers.unix_peers(pid).unwrap_or_else(|error| {
@@ -1282,8 +1304,8 @@ fn mappings(proc: &ProcFs, job: &[Process], ours: &HashMap<String, String>, reas
             } else {
                 continue;
             };
-            // An object is often mapped in several areas.
-            if reported.insert(path) {
+            // An object is often mapped in several areas; private SysV segments all have key 0.
+            if reported.insert((path, mapping.inode)) {
                 reasons.push(reason);
             }
         }
@@ -1309,6 +1331,28 @@ fn is_device(proc: &ProcFs, pid: i32, mapping: &Mapping) -> bool {
     candidates.iter().find_map(|path| fs::metadata(path).ok()).is_none_or(|meta| device_of(&meta).is_some())
 }
 
+/// Whether a shared mapping is of memory (shared anonymous memory, `SysV`, a memfd, a file in tmpfs or
+/// hugetlbfs) rather than of a file on disk: by its name, else by the file system of the mapped object
+/// (through `map_files`, which needs privilege, or the path in the process's root).
+fn is_memory(proc: &ProcFs, pid: i32, mapping: &Mapping) -> bool {
+    use nix::sys::statfs::{HUGETLBFS_MAGIC, TMPFS_MAGIC, statfs};
+    let path = mapping.path.as_str();
+    if path == "/dev/zero (deleted)"
+        || ["/SYSV", "/memfd:", "/dev/shm/", "/dev/hugepages/"].iter().any(|p| path.starts_with(p))
+    {
+        return true;
+    }
+    let dir = proc.of(pid);
+    let candidates = [
+        dir.join("map_files").join(format!("{:x}-{:x}", mapping.start, mapping.end)),
+        dir.join("root").join(path.trim_start_matches('/')),
+    ];
+    candidates
+        .iter()
+        .find_map(|path| statfs(path).ok())
+        .is_some_and(|fs| [TMPFS_MAGIC, HUGETLBFS_MAGIC].contains(&fs.filesystem_type()))
+}
+
 /// The key of a `SysV` shared memory mapping (`/SYSV0000162e (deleted)`).
 fn sysv_key(path: &str) -> Option<u32> {
     let key = path.strip_prefix("/SYSV")?;
@@ -1320,15 +1364,20 @@ fn sysv_key(path: &str) -> Option<u32> {
 struct SharedObject<'a> {
     pid: i32,
     path: &'a str,
+    /// Whether a job process may write to it.
     writable: bool,
+    /// Memory (see [`is_memory`]) rather than a file on disk.
+    memory: bool,
     /// For `SysV` memory, whose inode is its id and so unique only within an IPC namespace: the job
     /// process's IPC namespace.
     sysv_ipc: Option<&'a str>,
     reported: bool,
 }
 
-/// Looks for every shared mapping of the job in the maps of every other process. Read-only on both sides
-/// is not sharing that matters (a font cache, say); writable on one side is.
+/// Looks for every shared mapping of the job in the maps of every other process. Memory counts if either
+/// side may write to it. A file on disk counts only if the job writes to it: a mapping the job only
+/// reads is the same as reading the file, which after a move reads the destination's copy, and clients of
+/// `sssd` or `nscd` map those daemons' caches so; refusing them would pin every job that looked up a user.
 fn shared_memory(proc: &ProcFs, job: &[Process], reasons: &mut Vec<Reason>) {
     let mut wanted: HashMap<((u32, u32), u64), SharedObject<'_>> = HashMap::new();
     for process in job {
@@ -1340,6 +1389,7 @@ fn shared_memory(proc: &ProcFs, job: &[Process], reasons: &mut Vec<Reason>) {
                     pid: process.pid,
                     path: &mapping.path,
                     writable: mapping.writable,
+                    memory: is_memory(proc, process.pid, mapping),
                     sysv_ipc: sysv_key(&mapping.path).and_then(|_| process.namespaces.get("ipc")).map(String::as_str),
                     reported: false,
                 });
@@ -1370,7 +1420,7 @@ fn shared_memory(proc: &ProcFs, job: &[Process], reasons: &mut Vec<Reason>) {
                 continue;
             }
             let Some(object) = wanted.get_mut(&(mapping.dev, mapping.inode)) else { continue };
-            if object.reported || !(object.writable || mapping.writable) {
+            if object.reported || !(object.writable || object.memory && mapping.writable) {
                 continue;
             }
             if let Some(ours) = object.sysv_ipc {
@@ -1602,6 +1652,15 @@ mod tests {
     }
 
     #[test]
+    fn an_inherited_socket_is_told_once() {
+        let fake = FakeProc::new();
+        fake.process(10, &[11]).process(11, &[]).fd(10, 3, "socket:[501]").fd(11, 3, "socket:[501]");
+        fake.write("10/net/tcp", TCP);
+        fake.write("11/net/tcp", TCP);
+        assert_eq!(check_fake(&fake, 10).len(), 1);
+    }
+
+    #[test]
     fn packet_and_netlink_sockets_by_their_tables() {
         let fake = FakeProc::new();
         fake.process(10, &[]).fd(10, 3, "socket:[700]").fd(10, 4, "socket:[701]");
@@ -1696,8 +1755,7 @@ mod tests {
         assert_eq!(check_fake(&fake, 10), []);
     }
 
-    fn pty_process(fake: &FakeProc, pid: i32, fd: i32, class: FdClass) -> Process {
-        let _ = fake;
+    fn pty_process(pid: i32, fd: i32, class: FdClass) -> Process {
         Process {
             pid,
             traced: Vec::new(),
@@ -1709,13 +1767,12 @@ mod tests {
 
     #[test]
     fn a_pty_slave_needs_its_master_in_the_job() {
-        let fake = FakeProc::new();
-        let slave = pty_process(&fake, 10, 3, FdClass::PtySlave(3));
+        let slave = pty_process(10, 3, FdClass::PtySlave(3));
         let mut reasons = Vec::new();
         files(std::slice::from_ref(&slave), &mut reasons);
         assert_eq!(reasons, [Reason::Terminal { pid: 10, fd: 3, path: "/dev/pts/3".to_owned() }]);
 
-        let master = pty_process(&fake, 11, 4, FdClass::PtyMaster(Some(3)));
+        let master = pty_process(11, 4, FdClass::PtyMaster(Some(3)));
         reasons.clear();
         files(&[slave, master], &mut reasons);
         assert_eq!(reasons, []);
@@ -1788,6 +1845,27 @@ mod tests {
     }
 
     #[test]
+    fn a_file_on_disk_counts_only_if_the_job_writes_to_it() {
+        let fake = FakeProc::new();
+        fake.process(10, &[]).process(500, &[]);
+        // The job reads an sssd cache that the daemon writes; it writes a file that a monitor reads.
+        fake.write(
+            "10/maps",
+            "7f0000000000-7f0000001000 r--s 00000000 fd:01 4001 /var/lib/sss/mc/passwd\n\
+             7f0000001000-7f0000002000 rw-s 00000000 fd:01 4002 /srv/job/metrics.db\n",
+        );
+        fake.write(
+            "500/maps",
+            "7f0000000000-7f0000001000 rw-s 00000000 fd:01 4001 /var/lib/sss/mc/passwd\n\
+             7f0000001000-7f0000002000 r--s 00000000 fd:01 4002 /srv/job/metrics.db\n",
+        );
+        assert_eq!(
+            check_fake(&fake, 10),
+            [Reason::SharedMemory { pid: 10, path: "/srv/job/metrics.db".to_owned(), outsider: 500 }]
+        );
+    }
+
+    #[test]
     fn sysv_ids_are_compared_within_an_ipc_namespace() {
         let fake = FakeProc::new();
         fake.process(10, &[]).process(500, &[]);
@@ -1838,7 +1916,8 @@ mod tests {
         }
         let fake = FakeProc::new();
         fake.process(10, &[]);
-        fs::set_permissions(fake.dir.path().join("10/maps"), std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+        fs::set_permissions(fake.dir.path().join("10/maps"), std::os::unix::fs::PermissionsExt::from_mode(0o000))
+            .unwrap();
         let error = check_fake_error(&fake, 10);
         assert!(matches!(error, InspectError::Read { pid: 10, .. }), "{error}");
     }
@@ -1875,6 +1954,8 @@ mod tests {
         assert!(parse_unix_table("header\nnonsense\n").is_empty());
         assert!(parse_inode_column("no header").is_empty());
         assert_eq!(tracer_of("TracerPid:\tjunk\n"), None);
+        assert_eq!(state_of("42 (a) b) Z 1 2"), Some('Z'));
+        assert_eq!(state_of("42 (a"), None);
         assert_eq!(sysv_key("/SYSV12"), None);
         let mut peers = HashMap::new();
         assert!(parse_unix_diag(&[0xff; 40], &mut peers).is_err());
@@ -1985,6 +2066,22 @@ mod tests {
         #[test]
         fn a_plain_process_can_move() {
             let job = Job::spawn(&mut Job::sleep());
+            assert_eq!(check(job.pid()).unwrap(), []);
+        }
+
+        #[test]
+        fn zombies_in_the_job() {
+            // The exec'd shell never reaps its first child.
+            let job = Job::spawn(
+                Command::new("sh").args(["-c", "sleep 0 & exec sleep 60"]).stdin(Stdio::null()).stdout(Stdio::null()),
+            );
+            let pids = job.wait_for(2);
+            let zombie = pids.get(1).copied().expect("the zombie child");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !fs::read_to_string(format!("/proc/{zombie}/stat")).is_ok_and(|stat| stat.contains(") Z ")) {
+                assert!(Instant::now() < deadline, "{zombie} never became a zombie");
+                std::thread::sleep(Duration::from_millis(10));
+            }
             assert_eq!(check(job.pid()).unwrap(), []);
         }
 
@@ -2262,6 +2359,46 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(10));
             };
             assert_eq!(check(job.pid()).unwrap(), [Reason::NestedNamespace { pid: nested, namespace: Namespace::Uts }]);
+        }
+
+        #[test]
+        fn a_job_in_another_network_namespace() {
+            if !nix::unistd::geteuid().is_root() {
+                eprintln!("SKIPPED a_job_in_another_network_namespace: unshare --net needs root");
+                return;
+            }
+            let script = "import os, socket, sys, time\n\
+                a, b = socket.socketpair()\n\
+                l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen()\n\
+                print(os.fstat(a.fileno()).st_ino, os.fstat(b.fileno()).st_ino, l.fileno(), l.getsockname()[1], flush=True)\n\
+                time.sleep(60)\n";
+            let mut job = Job::spawn(
+                Command::new("unshare")
+                    .args(["--net", "python3", "-c", script])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped()),
+            );
+            let mut line = String::new();
+            io::BufRead::read_line(&mut io::BufReader::new(job.0.stdout.take().unwrap()), &mut line).unwrap();
+            let numbers: Vec<u64> = line.split_whitespace().map(|n| n.parse().unwrap()).collect();
+            let &[a, b, listener_fd, port] = &numbers[..] else { panic!("python3 said {line:?}") };
+            let pid = job.pid();
+            assert_ne!(
+                fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+                fs::read_link("/proc/self/ns/net").unwrap()
+            );
+            let peers = SockDiag.unix_peers(pid).unwrap();
+            assert_eq!((peers.get(&a), peers.get(&b)), (Some(&b), Some(&a)));
+            assert_eq!(
+                check(pid).unwrap(),
+                [Reason::InetSocket {
+                    pid,
+                    fd: i32::try_from(listener_fd).unwrap(),
+                    protocol: InetProtocol::Tcp,
+                    local: Some(SocketAddr::from(([127, 0, 0, 1], u16::try_from(port).unwrap()))),
+                    remote: None,
+                }]
+            );
         }
 
         #[test]

@@ -3,6 +3,7 @@
 //! Exit status: 0 on success, 1 on any failure (the error is printed), and for `cluster exec` the status
 //! of the command run on the node.
 
+mod bench_checkpoint;
 mod bench_gossip;
 mod bench_infod;
 mod benchmarks;
@@ -89,6 +90,8 @@ enum Bench {
     Gossip(GossipBenchArgs),
     /// Resident memory and CPU of infod on a local 4-node cluster.
     Infod(bench_infod::InfodBenchArgs),
+    /// Freeze time of a job moved between two nodes, beside CLI criu dump + restore.
+    Checkpoint(bench_checkpoint::CheckpointBenchArgs),
 }
 
 /// Options of `cargo xtask bench gossip`.
@@ -167,6 +170,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cluster { command } => cluster(command),
         Cmd::Bench { bench: Bench::Gossip(args) } => bench_gossip::run(&args),
         Cmd::Bench { bench: Bench::Infod(args) } => bench_infod::run(&args),
+        Cmd::Bench { bench: Bench::Checkpoint(args) } => bench_checkpoint::run(&args),
     }
 }
 

@@ -1,0 +1,314 @@
+//! `cargo xtask bench checkpoint`: how long a job is frozen when it moves between two nodes, beside plain
+//! `criu dump` + `criu restore` run by the CLI on tmpfs in the same run.
+//!
+//! Ours: a job (`rmx-job mem SIZE ...` under `rmosix-init` in its own PID namespace, stdio on pipes) on node 1
+//! of a local 2-node cluster is dumped by the checkpoint library (migratability check, CRIU RPC, images on
+//! tmpfs), packed and streamed over TCP from node 1's network namespace to node 2's, unpacked and verified
+//! there, and restored in node 2's namespace and cgroups; then the frozen original is killed. The freeze
+//! lasts from the start of the dump until the restore returns with the job running on node 2.
+//!
+//! Baseline: the same program as a plain process, `criu dump -t PID -D DIR` then `criu restore -D DIR -d`
+//! with the same criu binary, images on /dev/shm, no transfer.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::Args;
+use rmosix_checkpoint::criu::{Criu, DEFAULT_CRIU};
+use rmosix_checkpoint::images::ImageDir;
+use rmosix_checkpoint::job::{Job, JobSpec, placement};
+use rmosix_checkpoint::transfer;
+use rmosix_testcluster::{Cluster, Spec};
+
+/// Options of `cargo xtask bench checkpoint`.
+#[derive(Debug, Args)]
+pub struct CheckpointBenchArgs {
+    /// Resident sizes of the job, MiB.
+    #[arg(long, value_delimiter = ',', default_values_t = [64, 256, 1024, 2048])]
+    pub sizes: Vec<u64>,
+    /// Runs per size (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Do not write BENCHMARKS.md.
+    #[arg(long)]
+    pub no_write: bool,
+}
+
+const IMAGES: &str = "/dev/shm/rmosix-bench";
+const STEPS: &str = "600";
+const WORK: &str = "300000";
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Ours {
+    dump: Duration,
+    transfer: Duration,
+    restore: Duration,
+    freeze: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Baseline {
+    dump: Duration,
+    restore: Duration,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median<T: Copy>(mut v: Vec<T>, key: impl Fn(&T) -> Duration) -> T {
+    v.sort_by_key(|x| key(x));
+    v[v.len() / 2]
+}
+
+/// Runs the benchmark.
+pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
+    ensure!(args.runs >= 1, "--runs must be at least 1");
+    crate::setup::run()?;
+    crate::build_release()?;
+    let bins = crate::release_bin_dir();
+    let criu_path = std::env::var_os("RMOSIX_CRIU").map_or_else(|| PathBuf::from(DEFAULT_CRIU), PathBuf::from);
+    let criu = Criu::new(&criu_path, "/dev/shm/rmosix-bench-logs")?;
+    criu.check()?;
+    // Orphans of `criu restore -d` come to us, so we can reap them.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+
+    let biggest = args.sizes.iter().copied().max().unwrap_or(0);
+    let mut spec = Spec::new("benchc", 2, bins.clone());
+    spec.mem_limit = (biggest * 3 + 1024) << 20;
+    let cluster = Cluster::up(spec)?;
+    let mut rows = Vec::new();
+    for &size in &args.sizes {
+        let reference = reference_output(&bins, size)?;
+        let mut ours = Vec::new();
+        let mut base = Vec::new();
+        for run in 0..args.runs {
+            base.push(baseline(&criu_path, &bins, size)?);
+            ours.push(migrate_once(&criu, &cluster, &bins, size, &reference)?);
+            let (b, o) = (base[run], ours[run]);
+            eprintln!(
+                "bench checkpoint: {size} MiB run {}: criu CLI {:.0}+{:.0} ms; ours dump {:.0} transfer {:.0} restore {:.0} = frozen {:.0} ms",
+                run + 1,
+                ms(b.dump),
+                ms(b.restore),
+                ms(o.dump),
+                ms(o.transfer),
+                ms(o.restore),
+                ms(o.freeze)
+            );
+        }
+        rows.push((size, median(base, |b| b.dump + b.restore), median(ours, |o| o.freeze)));
+    }
+    drop(cluster);
+
+    let mut table = String::from(
+        "| resident | criu dump (CLI) | criu restore (CLI) | CLI dump+restore | ours: dump | pack+TCP+unpack | restore | ours: frozen | frozen / CLI |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut headline = None;
+    for (size, b, o) in &rows {
+        let cli = b.dump + b.restore;
+        let ratio = o.freeze.as_secs_f64() / cli.as_secs_f64();
+        let _ = writeln!(
+            table,
+            "| {size} MiB | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {ratio:.2}x |",
+            ms(b.dump),
+            ms(b.restore),
+            ms(cli),
+            ms(o.dump),
+            ms(o.transfer),
+            ms(o.restore),
+            ms(o.freeze),
+        );
+        if *size == 1024 || headline.is_none() {
+            headline = Some((*size, o.freeze, cli, ratio));
+        }
+    }
+    let body = format!(
+        "Reproduce: `cargo xtask bench checkpoint` (release build; `--sizes 64,256,1024,2048 --runs 3`). Run {}; \
+         CRIU {} at {}; the median of {} runs per size.\n\n\
+         *Ours*: a job (`rmx-job mem SIZE`, under `rmosix-init` in its own PID namespace, stdio on pipes) on node 1 \
+         of a local 2-node cluster is checked for migratability and dumped through CRIU's RPC into a private \
+         directory on /dev/shm (left frozen), packed and streamed over TCP from node 1's network namespace to \
+         node 2's, unpacked and checksummed there, and restored through the RPC in node 2's namespace and cgroups; \
+         then the frozen original is killed. *Frozen* is the time from the start of the dump until the restore \
+         returns with the job running on node 2. After each move the job runs to its end and its output is \
+         checked against an unmoved run.\n\n\
+         *CLI*: the same program as a plain process; `criu dump -t PID -D DIR` then `criu restore -d -D DIR`, \
+         images on /dev/shm, no transfer, each timed as a whole command.\n\n{table}",
+        crate::benchmarks::machine(),
+        criu.version(),
+        criu.path().display(),
+        args.runs,
+    );
+    println!("{body}");
+    if !args.no_write {
+        crate::benchmarks::update_section("checkpoint", "checkpoint: freeze time of a move between two nodes", &body)?;
+    }
+    let (size, freeze, cli, ratio) = headline.context("no sizes measured")?;
+    println!(
+        "checkpoint: {size} MiB job frozen {:.0} ms moving between nodes = {ratio:.2}x CLI criu dump+restore {:.0} ms (target <= 1.4x at 1024 MiB)",
+        ms(freeze),
+        ms(cli)
+    );
+    Ok(())
+}
+
+fn job_args(size: u64) -> Vec<String> {
+    vec!["mem".into(), size.to_string(), STEPS.into(), WORK.into()]
+}
+
+fn reference_output(bins: &Path, size: u64) -> anyhow::Result<Vec<String>> {
+    let out = Command::new(bins.join("rmx-job")).args(job_args(size)).output().context("cannot run rmx-job")?;
+    ensure!(out.status.success(), "rmx-job failed: {}", out.status);
+    Ok(String::from_utf8(out.stdout)?.lines().map(str::to_owned).collect())
+}
+
+fn baseline(criu: &Path, bins: &Path, size: u64) -> anyhow::Result<Baseline> {
+    let images = ImageDir::create(Path::new(IMAGES))?;
+    let out_path = images.path().join("job.out");
+    let out = File::create(&out_path)?;
+    let mut child = Command::new(bins.join("rmx-job"))
+        .args(job_args(size))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    wait_for_line(&out_path, "filled")?;
+    let dir = images.path().join("img");
+    std::fs::create_dir(&dir)?;
+    let pid = child.id().to_string();
+    let start = Instant::now();
+    let status = Command::new(criu)
+        .args(["dump", "-t", &pid, "-D"])
+        .arg(&dir)
+        .args(["-o", "dump.log", "--shell-job"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    let dump = start.elapsed();
+    ensure!(status.success(), "criu dump failed; see {}", dir.join("dump.log").display());
+    // Reap the dumped process so its PID is free for the restore.
+    child.wait()?;
+    let start = Instant::now();
+    let status = Command::new(criu)
+        .args(["restore", "-d", "-D"])
+        .arg(&dir)
+        .args(["-o", "restore.log", "--shell-job"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    let restore = start.elapsed();
+    ensure!(status.success(), "criu restore failed; see {}", dir.join("restore.log").display());
+    let raw: i32 = pid.parse()?;
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(raw), None);
+    Ok(Baseline { dump, restore })
+}
+
+fn wait_for_line(path: &Path, prefix: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.lines().any(|l| l.starts_with(prefix))) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("{} never printed {prefix:?}", path.display())
+}
+
+fn lines(fd: std::os::fd::OwnedFd) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(File::from(fd)).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+    let ns = File::open(Path::new("/run/netns").join(netns))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {netns} panicked"))?
+    })
+}
+
+fn migrate_once(
+    criu: &Criu,
+    cluster: &Cluster,
+    bins: &Path,
+    size: u64,
+    reference: &[String],
+) -> anyhow::Result<Ours> {
+    let node = |i: u32| placement(Some(&Path::new("/run/netns").join(cluster.netns(i))), &cluster.cgroups(i));
+    let spec = JobSpec {
+        init: bins.join("rmosix-init"),
+        program: bins.join("rmx-job").into(),
+        args: job_args(size).into_iter().map(Into::into).collect(),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        cwd: "/".into(),
+        credentials: None,
+        umask: 0o022,
+    };
+    let (job, stdio) = Job::spawn(&spec, &node(1)?)?;
+    let rx = lines(stdio.stdout);
+    let mut seen = Vec::new();
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(120)).context("the job stopped talking")?;
+        let filled = line.starts_with("filled");
+        seen.push(line);
+        if filled {
+            break;
+        }
+    }
+    let source = ImageDir::create(Path::new(IMAGES))?;
+    let dest = ImageDir::create(Path::new(IMAGES))?;
+    let listener = in_netns(&cluster.netns(2), || Ok(std::net::TcpListener::bind((cluster.addr(2), 0))?))?;
+    let port = listener.local_addr()?.port();
+    let (to_node1, to_node2) = (node(1)?, node(2)?);
+
+    let start = Instant::now();
+    let frozen = job.dump(criu, &source, &to_node1)?;
+    let dumped = start.elapsed();
+    let src = source.path().to_owned();
+    let (target, ns1) = (cluster.addr(2), cluster.netns(1));
+    let sender = std::thread::spawn(move || {
+        in_netns(&ns1, || {
+            let mut stream = std::net::TcpStream::connect((target, port))?;
+            stream.set_nodelay(true)?;
+            transfer::pack(&src, &mut stream)?;
+            stream.flush()?;
+            Ok(())
+        })
+    });
+    let (mut conn, _) = listener.accept()?;
+    transfer::unpack(&mut conn, dest.path())?;
+    sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    let transferred = start.elapsed();
+    let (restored, stdio2) = Job::restore(criu, &dest, to_node2)?;
+    let freeze = start.elapsed();
+    frozen.commit()?;
+    drop((source, dest));
+
+    seen.extend(rx.iter());
+    seen.extend(lines(stdio2.stdout).iter());
+    ensure!(restored.wait()? == 0, "the moved job failed");
+    ensure!(seen == reference, "the moved job's output differs from an unmoved run's ({} lines vs {})", seen.len(), reference.len());
+    Ok(Ours { dump: dumped, transfer: transferred - dumped, restore: freeze - transferred, freeze })
+}
+
+use std::os::unix::process::CommandExt as _;
