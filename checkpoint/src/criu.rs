@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{BufRead as _, BufReader};
-use std::os::fd::{AsRawFd as _, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -207,7 +207,7 @@ impl Criu {
         msg.opts = MessageField::some(opts);
         let keep = [req.images_dir.as_raw_fd(), work.as_raw_fd()];
         let resp = self.call(&msg, &keep, req.placement)?;
-        self.finish("dump", req.pid, &resp, &log).map(|_| ())
+        Self::finish("dump", req.pid, &resp, &log).map(|_| ())
     }
 
     /// Restores the image set as a child of this process and returns its host PID.
@@ -234,12 +234,12 @@ impl Criu {
         msg.set_type(Criu_req_type::RESTORE);
         msg.opts = MessageField::some(opts);
         let resp = self.call(&msg, &keep, &req.placement)?;
-        let resp = self.finish("restore", 0, &resp, &log)?;
-        let pid = resp.restore.as_ref().map(|r| r.pid()).filter(|&p| p > 0);
+        let resp = Self::finish("restore", 0, &resp, &log)?;
+        let pid = resp.restore.as_ref().map(rust_criu::rust_criu_protobuf::rpc::Criu_restore_resp::pid).filter(|&p| p > 0);
         pid.ok_or_else(|| self.protocol("restore succeeded but named no pid"))
     }
 
-    fn finish(&self, op: &'static str, pid: i32, resp: &Criu_resp, log: &Path) -> Result<Criu_resp, CriuError> {
+    fn finish(op: &'static str, pid: i32, resp: &Criu_resp, log: &Path) -> Result<Criu_resp, CriuError> {
         if resp.success() {
             let _ = std::fs::remove_file(log);
             return Ok(resp.clone());
@@ -274,8 +274,8 @@ impl Criu {
                 .map_err(|e| self.io(e.into()))?;
         let mut inherit: Vec<RawFd> = keep.to_vec();
         inherit.push(theirs.as_raw_fd());
-        let netns = placement.netns.as_ref().map(|f| f.as_raw_fd());
-        let cgroups: Vec<RawFd> = placement.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
+        let netns = placement.netns.as_ref().map(AsRawFd::as_raw_fd);
+        let cgroups: Vec<RawFd> = placement.cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
         let mut cmd = Command::new(&self.path);
         cmd.arg("swrk").arg(theirs.as_raw_fd().to_string()).stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: only async-signal-safe calls (fcntl, setns, write) between fork and exec.

@@ -5,6 +5,10 @@
 //! fill its tmpfs (which is RAM) with stale dumps. [`ImageDir`] is one image set's directory: created with
 //! mode 0700 whatever the umask, under a base directory we own, and removed when dropped, on success, on
 //! error and on unwinding alike. [`ImageDir::keep`] disowns it on purpose, to look at a failed dump.
+//!
+//! [`prepare_store`] gives the image directories a tmpfs of their own, mounted with transparent huge pages
+//! (`huge=within_size`): a gigabyte of images is written in a fraction of the time 4 KiB pages take, and
+//! that time is part of how long a moving job stays frozen.
 
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io;
@@ -25,6 +29,30 @@ const CREATE_ATTEMPTS: u32 = 16;
 
 /// Distinguishes the image directories of one process; with the pid and the time it makes names unique.
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+/// Where nodes keep image sets by default: a tmpfs of our own, see [`prepare_store`].
+pub const DEFAULT_STORE: &str = "/run/rmosix/images";
+
+/// Makes `path` a tmpfs for image sets, unless it already is one: creates the directory (0700) and mounts a
+/// tmpfs with transparent huge pages there. Needs root (`CAP_SYS_ADMIN`) when it has to mount.
+pub fn prepare_store(path: &Path) -> Result<(), ImagesError> {
+    let base = |source| ImagesError::Base { path: path.to_owned(), source };
+    DirBuilder::new().recursive(true).mode(PRIVATE_MODE).create(path).map_err(base)?;
+    let fs = nix::sys::statfs::statfs(path).map_err(|e| base(e.into()))?;
+    if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("rmosix-images"),
+        path,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+        Some("mode=0700,huge=within_size"),
+    )
+    .map_err(|e| base(e.into()))?;
+    tracing::info!(path = %path.display(), "image store mounted (tmpfs, huge pages)");
+    Ok(())
+}
 
 /// Why an image directory could not be created, opened or measured.
 #[derive(Debug, thiserror::Error)]

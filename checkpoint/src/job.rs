@@ -11,7 +11,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
-use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd as _, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
@@ -156,8 +156,8 @@ impl Job {
             envp.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
         let pipes = pipes()?;
         let job_fds: [RawFd; 3] = [pipes.job[0].as_raw_fd(), pipes.job[1].as_raw_fd(), pipes.job[2].as_raw_fd()];
-        let netns = placement.netns.as_ref().map(|f| f.as_raw_fd());
-        let cgroups: Vec<RawFd> = placement.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
+        let netns = placement.netns.as_ref().map(AsRawFd::as_raw_fd);
+        let cgroups: Vec<RawFd> = placement.cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
         let creds = spec.credentials.clone();
         let groups: Vec<libc::gid_t> = creds.as_ref().map(|c| c.groups.clone()).unwrap_or_default();
         let umask = spec.umask;
@@ -185,13 +185,12 @@ impl Job {
                 if libc::setsid() < 0 {
                     return 123;
                 }
-                if let Some(c) = &creds {
-                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                if let Some(c) = &creds
+                    && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
                         || libc::setgid(c.gid) != 0
-                        || libc::setuid(c.uid) != 0
-                    {
-                        return 124;
-                    }
+                        || libc::setuid(c.uid) != 0)
+                {
+                    return 124;
                 }
                 libc::umask(umask);
                 if libc::chdir(cwd.as_ptr()) != 0 {

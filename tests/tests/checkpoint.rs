@@ -66,12 +66,12 @@ fn reader(fd: OwnedFd) -> mpsc::Receiver<String> {
 
 fn take(rx: &mpsc::Receiver<String>, n: usize, into: &mut Vec<String>) {
     for _ in 0..n {
-        into.push(rx.recv_timeout(Duration::from_secs(60)).expect("job output stalled"));
+        into.push(rx.recv_timeout(Duration::from_mins(1)).expect("job output stalled"));
     }
 }
 
 fn drain(rx: &mpsc::Receiver<String>, into: &mut Vec<String>) {
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(120)) {
+    while let Ok(line) = rx.recv_timeout(Duration::from_mins(2)) {
         into.push(line);
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use clap::Args;
 use rmosix_checkpoint::criu::{Criu, DEFAULT_CRIU};
-use rmosix_checkpoint::images::ImageDir;
+use rmosix_checkpoint::images::{DEFAULT_STORE, ImageDir, prepare_store};
 use rmosix_checkpoint::job::{Job, JobSpec, placement};
 use rmosix_checkpoint::transfer;
 use rmosix_testcluster::{Cluster, Spec};
@@ -39,7 +39,8 @@ pub struct CheckpointBenchArgs {
     pub no_write: bool,
 }
 
-const IMAGES: &str = "/dev/shm/rmosix-bench";
+/// The baseline's images: plain tmpfs, what a hand-made script would use.
+const PLAIN_TMPFS: &str = "/dev/shm/rmosix-bench";
 const STEPS: &str = "600";
 const WORK: &str = "300000";
 
@@ -67,6 +68,7 @@ fn median<T: Copy>(mut v: Vec<T>, key: impl Fn(&T) -> Duration) -> T {
 }
 
 /// Runs the benchmark.
+#[expect(clippy::too_many_lines, reason = "one table-producing sequence, clearer in one piece")]
 pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
     ensure!(args.runs >= 1, "--runs must be at least 1");
     crate::setup::run()?;
@@ -74,6 +76,8 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
     let bins = crate::release_bin_dir();
     let criu_path = std::env::var_os("RMOSIX_CRIU").map_or_else(|| PathBuf::from(DEFAULT_CRIU), PathBuf::from);
     let criu = Criu::new(&criu_path, "/dev/shm/rmosix-bench-logs")?;
+    let store = Path::new(DEFAULT_STORE);
+    prepare_store(store)?;
     criu.check()?;
     // Orphans of `criu restore -d` come to us, so we can reap them.
     // SAFETY: prctl with integer arguments.
@@ -88,38 +92,50 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
         let reference = reference_output(&bins, size)?;
         let mut ours = Vec::new();
         let mut base = Vec::new();
+        let mut base_store = Vec::new();
         for run in 0..args.runs {
-            base.push(baseline(&criu_path, &bins, size)?);
-            ours.push(migrate_once(&criu, &cluster, &bins, size, &reference)?);
-            let (b, o) = (base[run], ours[run]);
+            base.push(baseline(&criu_path, &bins, size, Path::new(PLAIN_TMPFS))?);
+            base_store.push(baseline(&criu_path, &bins, size, store)?);
+            ours.push(migrate_once(&criu, &cluster, &bins, size, &reference, store)?);
+            let (b, bs, o) = (base[run], base_store[run], ours[run]);
             eprintln!(
-                "bench checkpoint: {size} MiB run {}: criu CLI {:.0}+{:.0} ms; ours dump {:.0} transfer {:.0} restore {:.0} = frozen {:.0} ms",
+                "bench checkpoint: {size} MiB run {}: criu CLI {:.0}+{:.0} ms (image store {:.0}+{:.0}); ours dump {:.0} transfer {:.0} restore {:.0} = frozen {:.0} ms",
                 run + 1,
                 ms(b.dump),
                 ms(b.restore),
+                ms(bs.dump),
+                ms(bs.restore),
                 ms(o.dump),
                 ms(o.transfer),
                 ms(o.restore),
                 ms(o.freeze)
             );
         }
-        rows.push((size, median(base, |b| b.dump + b.restore), median(ours, |o| o.freeze)));
+        rows.push((
+            size,
+            median(base, |b| b.dump + b.restore),
+            median(base_store, |b| b.dump + b.restore),
+            median(ours, |o| o.freeze),
+        ));
     }
     drop(cluster);
 
     let mut table = String::from(
-        "| resident | criu dump (CLI) | criu restore (CLI) | CLI dump+restore | ours: dump | pack+TCP+unpack | restore | ours: frozen | frozen / CLI |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| resident | CLI dump | CLI restore | CLI dump+restore | CLI on the image store | ours: dump | pack+TCP+unpack | restore | ours: frozen | frozen / CLI | frozen / CLI on the store |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut headline = None;
-    for (size, b, o) in &rows {
+    for (size, b, bs, o) in &rows {
         let cli = b.dump + b.restore;
+        let cli_store = bs.dump + bs.restore;
         let ratio = o.freeze.as_secs_f64() / cli.as_secs_f64();
+        let ratio_store = o.freeze.as_secs_f64() / cli_store.as_secs_f64();
         let _ = writeln!(
             table,
-            "| {size} MiB | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {ratio:.2}x |",
+            "| {size} MiB | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {ratio:.2}x | {ratio_store:.2}x |",
             ms(b.dump),
             ms(b.restore),
             ms(cli),
+            ms(cli_store),
             ms(o.dump),
             ms(o.transfer),
             ms(o.restore),
@@ -134,13 +150,16 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
          CRIU {} at {}; the median of {} runs per size.\n\n\
          *Ours*: a job (`rmx-job mem SIZE`, under `rmosix-init` in its own PID namespace, stdio on pipes) on node 1 \
          of a local 2-node cluster is checked for migratability and dumped through CRIU's RPC into a private \
-         directory on /dev/shm (left frozen), packed and streamed over TCP from node 1's network namespace to \
+         directory of the image store ({DEFAULT_STORE}, a tmpfs with transparent huge pages that migd mounts) \
+         (left frozen), packed and streamed over TCP from node 1's network namespace to \
          node 2's, unpacked and checksummed there, and restored through the RPC in node 2's namespace and cgroups; \
          then the frozen original is killed. *Frozen* is the time from the start of the dump until the restore \
          returns with the job running on node 2. After each move the job runs to its end and its output is \
          checked against an unmoved run.\n\n\
          *CLI*: the same program as a plain process; `criu dump -t PID -D DIR` then `criu restore -d -D DIR`, \
-         images on /dev/shm, no transfer, each timed as a whole command.\n\n{table}",
+         images on /dev/shm (plain tmpfs), no transfer, each timed as a whole command; the target is set against \
+         it. *CLI on the image store*: the same with the images on the image store, to show what the store \
+         alone gains.\n\n{table}",
         crate::benchmarks::machine(),
         criu.version(),
         criu.path().display(),
@@ -169,8 +188,8 @@ fn reference_output(bins: &Path, size: u64) -> anyhow::Result<Vec<String>> {
     Ok(String::from_utf8(out.stdout)?.lines().map(str::to_owned).collect())
 }
 
-fn baseline(criu: &Path, bins: &Path, size: u64) -> anyhow::Result<Baseline> {
-    let images = ImageDir::create(Path::new(IMAGES))?;
+fn baseline(criu: &Path, bins: &Path, size: u64, base: &Path) -> anyhow::Result<Baseline> {
+    let images = ImageDir::create(base)?;
     let out_path = images.path().join("job.out");
     let out = File::create(&out_path)?;
     let mut child = Command::new(bins.join("rmx-job"))
@@ -213,7 +232,7 @@ fn baseline(criu: &Path, bins: &Path, size: u64) -> anyhow::Result<Baseline> {
 }
 
 fn wait_for_line(path: &Path, prefix: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_mins(2);
     while Instant::now() < deadline {
         if std::fs::read_to_string(path).is_ok_and(|t| t.lines().any(|l| l.starts_with(prefix))) {
             return Ok(());
@@ -253,6 +272,7 @@ fn migrate_once(
     bins: &Path,
     size: u64,
     reference: &[String],
+    store: &Path,
 ) -> anyhow::Result<Ours> {
     let node = |i: u32| placement(Some(&Path::new("/run/netns").join(cluster.netns(i))), &cluster.cgroups(i));
     let spec = JobSpec {
@@ -268,15 +288,15 @@ fn migrate_once(
     let rx = lines(stdio.stdout);
     let mut seen = Vec::new();
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(120)).context("the job stopped talking")?;
+        let line = rx.recv_timeout(Duration::from_mins(2)).context("the job stopped talking")?;
         let filled = line.starts_with("filled");
         seen.push(line);
         if filled {
             break;
         }
     }
-    let source = ImageDir::create(Path::new(IMAGES))?;
-    let dest = ImageDir::create(Path::new(IMAGES))?;
+    let source = ImageDir::create(store)?;
+    let dest = ImageDir::create(store)?;
     let listener = in_netns(&cluster.netns(2), || Ok(std::net::TcpListener::bind((cluster.addr(2), 0))?))?;
     let port = listener.local_addr()?.port();
     let (to_node1, to_node2) = (node(1)?, node(2)?);
@@ -308,7 +328,12 @@ fn migrate_once(
     seen.extend(lines(stdio2.stdout).iter());
     ensure!(restored.wait()? == 0, "the moved job failed");
     ensure!(seen == reference, "the moved job's output differs from an unmoved run's ({} lines vs {})", seen.len(), reference.len());
-    Ok(Ours { dump: dumped, transfer: transferred - dumped, restore: freeze - transferred, freeze })
+    Ok(Ours {
+        dump: dumped,
+        transfer: transferred.saturating_sub(dumped),
+        restore: freeze.saturating_sub(transferred),
+        freeze,
+    })
 }
 
 use std::os::unix::process::CommandExt as _;

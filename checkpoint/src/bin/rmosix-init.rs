@@ -37,12 +37,9 @@ fn main() -> ExitCode {
         eprintln!("usage: rmosix-init PROGRAM [ARGS...]");
         return ExitCode::from(2);
     }
-    let argv: Vec<CString> = match args.iter().map(|a| CString::new(a.as_bytes())).collect() {
-        Ok(v) => v,
-        Err(_) => {
-            eprintln!("rmosix-init: an argument contains a NUL byte");
-            return ExitCode::from(2);
-        }
+    let Ok(c_args) = args.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<CString>, _>>() else {
+        eprintln!("rmosix-init: an argument contains a NUL byte");
+        return ExitCode::from(2);
     };
 
     // A namespace init only receives signals it has a handler for: install one (it never runs, the
@@ -71,7 +68,7 @@ fn main() -> ExitCode {
                 let _ = unsafe { sigaction(*sig, &default) };
             }
             let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-            let err = execvp(&argv[0], &argv).unwrap_err();
+            let err = execvp(&c_args[0], &c_args).unwrap_err();
             eprintln!("rmosix-init: cannot run {}: {err}", args[0].to_string_lossy());
             // 127: command not found or not executable, as shells say.
             std::process::exit(127);

@@ -34,6 +34,7 @@ fn line(out: &mut impl std::io::Write, text: &str) {
     writeln!(out, "{text}").and_then(|()| out.flush()).unwrap_or_else(|_| std::process::exit(3));
 }
 
+#[expect(clippy::too_many_lines, reason = "one match arm per mode, each a small program")]
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut out = std::io::stdout().lock();
