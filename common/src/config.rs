@@ -33,6 +33,30 @@ pub struct Config {
     pub resources: ResourcesConfig,
     /// Policy this node advertises to others.
     pub policy: PolicyConfig,
+    /// Checkpoint and restore.
+    pub checkpoint: CheckpointConfig,
+}
+
+/// Where CRIU is and where its images and logs go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// The criu binary (4.0 or newer). Default: the one `cargo xtask setup` provisioned.
+    pub criu: PathBuf,
+    /// Image store: a tmpfs (mounted there with huge pages if it is not one yet) for image sets.
+    pub image_store: PathBuf,
+    /// Where CRIU's logs go; the log of a failed operation is kept and named in the error.
+    pub log_dir: PathBuf,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            criu: PathBuf::from("/opt/rmosix/criu/bin/criu"),
+            image_store: PathBuf::from("/run/rmosix/images"),
+            log_dir: PathBuf::from("/var/log/rmosix/criu"),
+        }
+    }
 }
 
 /// Settings of infod, the information daemon.
@@ -114,6 +138,7 @@ impl Default for Config {
             load: LoadConfig::default(),
             resources: ResourcesConfig::default(),
             policy: PolicyConfig::default(),
+            checkpoint: CheckpointConfig::default(),
         }
     }
 }
@@ -191,7 +216,14 @@ impl Config {
         let mut config: Self = toml::from_str(text)
             .map_err(|e| ConfigError::Parse { path: path.to_owned(), source: Box::new(e) })?;
         if let Some(dir) = path.parent() {
-            for p in [&mut config.map, &mut config.cluster_key, &mut config.infod.socket] {
+            for p in [
+                &mut config.map,
+                &mut config.cluster_key,
+                &mut config.infod.socket,
+                &mut config.checkpoint.criu,
+                &mut config.checkpoint.image_store,
+                &mut config.checkpoint.log_dir,
+            ] {
                 if p.is_relative() {
                     *p = normalize(&dir.join(&*p));
                 }

@@ -79,7 +79,13 @@ pub fn provision() -> anyhow::Result<PathBuf> {
     if let Some(system) = which("criu")
         && usable(&system)
     {
-        eprintln!("setup: using the system's {} ({:?})", system.display(), version(&system));
+        // The configuration's default path leads to it, so every node finds criu in the same place.
+        let bin = Path::new(WRAPPER).parent().expect("wrapper has a directory");
+        std::fs::create_dir_all(bin)?;
+        let script = format!("#!/bin/sh\n# The system's criu, chosen by `cargo xtask setup`.\nexec {} \"$@\"\n", system.display());
+        std::fs::write(WRAPPER, script)?;
+        std::fs::set_permissions(WRAPPER, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        eprintln!("setup: using the system's {} ({:?}) through {WRAPPER}", system.display(), version(&system));
         return Ok(system);
     }
     let wrapper = PathBuf::from(WRAPPER);
