@@ -1,0 +1,1 @@
+//! Authenticated node-to-node channel. (being written)

@@ -1,0 +1,1 @@
+//! Home records. (being written)
