@@ -161,12 +161,14 @@ fn a_job_moves_between_network_namespaces_through_a_tcp_stream_and_back() {
     let listener = in_netns(&cluster.netns(2), || std::net::TcpListener::bind("10.213.0.2:0").unwrap());
     let port = listener.local_addr().unwrap().port();
     let src = source_images.path().to_owned();
+    // In migd the two sides derive this key from their authenticated handshake.
+    let key: transfer::StreamKey = rand::random();
     let sender = std::thread::spawn({
         let ns = cluster.netns(1);
         move || {
             in_netns(&ns, || {
                 let mut stream = std::net::TcpStream::connect(("10.213.0.2", port)).unwrap();
-                transfer::pack(&src, &mut stream).unwrap();
+                transfer::pack(&src, &mut stream, &key).unwrap();
                 stream.flush().unwrap();
             });
         }
@@ -174,7 +176,7 @@ fn a_job_moves_between_network_namespaces_through_a_tcp_stream_and_back() {
     let (mut conn, peer) = listener.accept().unwrap();
     assert_eq!(peer.ip().to_string(), "10.213.0.1");
     let dest_images = ImageDir::create(Path::new(IMAGES)).unwrap();
-    transfer::unpack(&mut conn, dest_images.path()).unwrap();
+    transfer::unpack(&mut conn, dest_images.path(), &key).unwrap();
     sender.join().unwrap();
     let (on_node2, stdio2) = Job::restore(&criu, &dest_images, node(2)).unwrap();
     frozen.commit().unwrap();

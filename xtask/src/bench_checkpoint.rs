@@ -152,7 +152,7 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
          of a local 2-node cluster is checked for migratability and dumped through CRIU's RPC into a private \
          directory of the image store ({DEFAULT_STORE}, a tmpfs with transparent huge pages that migd mounts) \
          (left frozen), packed and streamed over TCP from node 1's network namespace to \
-         node 2's, unpacked and checksummed there, and restored through the RPC in node 2's namespace and cgroups; \
+         node 2's (with a keyed BLAKE3 MAC over the stream), unpacked and verified there, and restored through the RPC in node 2's namespace and cgroups; \
          then the frozen original is killed. *Frozen* is the time from the start of the dump until the restore \
          returns with the job running on node 2. After each move the job runs to its end and its output is \
          checked against an unmoved run.\n\n\
@@ -305,18 +305,19 @@ fn migrate_once(
     let frozen = job.dump(criu, &source, &to_node1)?;
     let dumped = start.elapsed();
     let src = source.path().to_owned();
+    let key: transfer::StreamKey = rand::random();
     let (target, ns1) = (cluster.addr(2), cluster.netns(1));
     let sender = std::thread::spawn(move || {
         in_netns(&ns1, || {
             let mut stream = std::net::TcpStream::connect((target, port))?;
             stream.set_nodelay(true)?;
-            transfer::pack(&src, &mut stream)?;
+            transfer::pack(&src, &mut stream, &key)?;
             stream.flush()?;
             Ok(())
         })
     });
     let (mut conn, _) = listener.accept()?;
-    transfer::unpack(&mut conn, dest.path())?;
+    transfer::unpack(&mut conn, dest.path(), &key)?;
     sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
     let transferred = start.elapsed();
     let (restored, stdio2) = Job::restore(criu, &dest, to_node2)?;
