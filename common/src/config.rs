@@ -35,6 +35,33 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Checkpoint and restore.
     pub checkpoint: CheckpointConfig,
+    /// Migration daemon settings.
+    pub migd: MigdConfig,
+}
+
+/// Settings of migd, the migration daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigdConfig {
+    /// TCP port migd listens on at the node's map address, for other migds.
+    pub port: u16,
+    /// Unix socket for local users (`mosrun`, `migrate`).
+    pub socket: PathBuf,
+    /// Directory of the home records of the jobs started on this node.
+    pub records: PathBuf,
+    /// `rmosix-init`; default: beside the migd binary.
+    pub init: Option<PathBuf>,
+}
+
+impl Default for MigdConfig {
+    fn default() -> Self {
+        Self {
+            port: 5402,
+            socket: PathBuf::from("/run/rmosix/migd.sock"),
+            records: PathBuf::from("/var/lib/rmosix/records"),
+            init: None,
+        }
+    }
 }
 
 /// Where CRIU is and where its images and logs go.
@@ -139,6 +166,7 @@ impl Default for Config {
             resources: ResourcesConfig::default(),
             policy: PolicyConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            migd: MigdConfig::default(),
         }
     }
 }
@@ -223,6 +251,8 @@ impl Config {
                 &mut config.checkpoint.criu,
                 &mut config.checkpoint.image_store,
                 &mut config.checkpoint.log_dir,
+                &mut config.migd.socket,
+                &mut config.migd.records,
             ] {
                 if p.is_relative() {
                     *p = normalize(&dir.join(&*p));

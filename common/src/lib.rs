@@ -6,6 +6,7 @@
 //! without root and reused unchanged by the daemons, the tools and the simulations.
 
 pub mod config;
+pub mod control;
 pub mod key;
 pub mod load;
 pub mod map;

@@ -1,0 +1,255 @@
+//! The local control protocol between migd and the tools on the same node (`mosrun`, `migrate`).
+//!
+//! A Unix stream socket; every message is a frame `u32 length (little-endian) | JSON`. `mosrun` passes its
+//! own stdin, stdout and stderr along with its `Run` request (`SCM_RIGHTS`), so the job's output lands in
+//! whatever the deputy's output is (a terminal, a file, a pipe) in order and complete, and its input comes
+//! from the deputy's. migd learns who is asking from the socket's peer credentials, never from the message:
+//! the deputy's PID is the job's home PID, and its uid and gid are the job's owner.
+
+use std::io::{Read as _, Write as _};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable naming migd's control socket; overrides the configuration (the test cluster sets it).
+pub const SOCKET_ENV: &str = "RMOSIX_MIGD_SOCKET";
+/// Largest frame accepted (an environment can be large, but not this large).
+pub const MAX_FRAME: usize = 4 << 20;
+
+/// Where a new job should start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Where {
+    /// On the home node.
+    Home,
+    /// On the best node infod knows of.
+    Best,
+    /// On this node.
+    Node(u32),
+}
+
+/// Where `migrate` should move a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    Home,
+    Balance,
+    Node(u32),
+}
+
+/// What a job is expected to do, as the user hints it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hint {
+    CpuBound,
+    IoBound,
+}
+
+/// How a job may move.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunOptions {
+    /// Never leaves the home node (`mosrun -h`).
+    pub stay_home: bool,
+    /// Moves only when asked to (`mosrun -L`).
+    pub no_auto_migrate: bool,
+    /// CPU- or I/O-bound (`-c`, `-i`).
+    pub hint: Option<Hint>,
+    /// Memory the job will need, MiB (`-m`).
+    pub mem_mb: Option<u64>,
+}
+
+/// A request to migd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Start a job; the deputy's stdin, stdout and stderr come with this message.
+    Run {
+        /// The program, as bytes (file names need not be UTF-8).
+        program: Vec<u8>,
+        /// Its arguments, without the program name.
+        args: Vec<Vec<u8>>,
+        /// The whole environment, `NAME=value`.
+        env: Vec<Vec<u8>>,
+        /// Working directory.
+        cwd: PathBuf,
+        /// File mode creation mask.
+        umask: u32,
+        /// Where to start.
+        place: Where,
+        /// How it may move.
+        options: RunOptions,
+    },
+    /// During a `Run` session: forward a signal to the job.
+    Signal { signo: i32 },
+    /// Move a job (by home PID).
+    Migrate { home_pid: i32, target: Target },
+}
+
+/// Why migd refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    NoSuchJob,
+    NotYours,
+    NotMigratable,
+    TargetBlocksGuests,
+    TargetDown,
+    NoSuchNode,
+    StaysHome,
+    Busy,
+    BadRequest,
+    Failed,
+}
+
+/// migd's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Response {
+    /// The job runs; `home_pid` is the deputy's PID.
+    Started { home_pid: i32, node: u32 },
+    /// The job ended with this status (128+N: died of signal N).
+    Exited { code: i32 },
+    /// The job was lost (its node went down).
+    Lost { reason: String },
+    /// A migration finished.
+    Moved { home_pid: i32, from: u32, to: u32, seconds: f64 },
+    /// A request was refused.
+    Refused { why: Refusal, message: String },
+}
+
+/// A broken control connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("control frame of {0} bytes is larger than {MAX_FRAME}")]
+    TooLarge(usize),
+    #[error("control message not understood: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the other side closed the connection")]
+    Closed,
+}
+
+fn frame<T: Serialize>(msg: &T) -> Vec<u8> {
+    let json = serde_json::to_vec(msg).expect("control messages serialize");
+    let mut out = Vec::with_capacity(4 + json.len());
+    out.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+/// Sends one message.
+pub fn send<T: Serialize>(stream: &mut UnixStream, msg: &T) -> Result<(), ControlError> {
+    stream.write_all(&frame(msg))?;
+    Ok(())
+}
+
+/// Sends one message with descriptors attached (`SCM_RIGHTS`).
+pub fn send_with_fds<T: Serialize>(stream: &UnixStream, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), ControlError> {
+    let bytes = frame(msg);
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let iov = [std::io::IoSlice::new(&bytes)];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+    let sent = nix::sys::socket::sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, nix::sys::socket::MsgFlags::empty(), None)
+        .map_err(std::io::Error::from)?;
+    if sent < bytes.len() {
+        (&*stream).write_all(&bytes[sent..])?;
+    }
+    Ok(())
+}
+
+/// Receives one message; `Err(Closed)` on a clean end of stream.
+pub fn recv<T: for<'de> Deserialize<'de>>(stream: &mut UnixStream) -> Result<T, ControlError> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ControlError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(ControlError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Receives one message and the descriptors that came with it.
+pub fn recv_with_fds<T: for<'de> Deserialize<'de>>(
+    stream: &mut UnixStream,
+) -> Result<(T, Vec<OwnedFd>), ControlError> {
+    let mut head = vec![0u8; 64 * 1024];
+    let mut space = nix::cmsg_space!([RawFd; 8]);
+    let (got, fds) = {
+        let mut iov = [std::io::IoSliceMut::new(&mut head)];
+        let msg = nix::sys::socket::recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+            if let nix::sys::socket::ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel just gave us these descriptors; nothing else owns them.
+                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        (msg.bytes, fds)
+    };
+    if got == 0 {
+        return Err(ControlError::Closed);
+    }
+    let mut data = head[..got].to_vec();
+    while data.len() < 4 {
+        let mut more = [0u8; 4];
+        let n = stream.read(&mut more[..4 - data.len()])?;
+        if n == 0 {
+            return Err(ControlError::Closed);
+        }
+        data.extend_from_slice(&more[..n]);
+    }
+    let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(ControlError::TooLarge(len));
+    }
+    if data.len() < 4 + len {
+        let have = data.len();
+        data.resize(4 + len, 0);
+        stream.read_exact(&mut data[have..])?;
+    }
+    // Anything after this frame belongs to the next message: this protocol never sends one unasked.
+    let msg = serde_json::from_slice(&data[4..4 + len])?;
+    Ok((msg, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_descriptors_cross_a_socket() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let req = Request::Signal { signo: 2 };
+        send_with_fds(&a, &req, &[std::os::fd::AsFd::as_fd(&file)]).unwrap();
+        let (got, fds): (Request, _) = recv_with_fds(&mut b).unwrap();
+        assert_eq!(got, req);
+        assert_eq!(fds.len(), 1);
+        send(&mut b, &Response::Exited { code: 3 }).unwrap();
+        assert_eq!(recv::<Response>(&mut a).unwrap(), Response::Exited { code: 3 });
+        drop(b);
+        assert!(matches!(recv::<Response>(&mut a), Err(ControlError::Closed)));
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_allocating() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        assert!(matches!(recv::<Request>(&mut b), Err(ControlError::TooLarge(_))));
+    }
+}
