@@ -2,16 +2,14 @@
 //! socket.
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rmosix_common::NodeId;
 use rmosix_common::config::{Config, ResourceSource};
-use rmosix_common::key::{ClusterKey, KeyError};
 use rmosix_common::load::{Decay, FLAG_BLOCKS_GUESTS, LoadVector};
-use rmosix_common::map::{ClusterMap, MapError};
+use rmosix_common::map::ClusterMap;
 use rmosix_common::query::{Request, Response};
 use rmosix_common::wire::{self, MAX_DATAGRAM};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
@@ -22,17 +20,13 @@ use tracing::{debug, error, info, warn};
 use crate::engine::{Engine, EngineConfig};
 use crate::resources::{Cgroup, Host, ResourceView};
 
+pub use rmosix_common::node::{Settings, local_node};
+
 /// infod could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Map(#[from] MapError),
-    #[error(transparent)]
-    Key(#[from] KeyError),
-    #[error("node {0} is not in the cluster map")]
-    NodeNotInMap(NodeId),
-    #[error("no address of the cluster map belongs to this host; set `node` in the configuration")]
-    NoLocalNode,
+    Node(#[from] rmosix_common::node::NodeError),
     #[error("cannot bind UDP {addr}: {source}")]
     BindUdp {
         addr: SocketAddr,
@@ -47,39 +41,6 @@ pub enum StartError {
     },
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
-}
-
-/// Everything infod needs, checked: what `infod --check` validates.
-#[derive(Debug)]
-pub struct Settings {
-    pub config: Config,
-    pub map: ClusterMap,
-    pub key: ClusterKey,
-    pub me: NodeId,
-}
-
-impl Settings {
-    /// Loads the map and the key the configuration names, and finds this node in the map.
-    pub fn load(config: Config) -> Result<Self, StartError> {
-        let map = ClusterMap::load(&config.map)?;
-        let key = ClusterKey::load(&config.cluster_key)?;
-        let me = match config.node {
-            Some(id) => map.get(id).map(|n| n.id).ok_or(StartError::NodeNotInMap(id))?,
-            None => local_node(&map).ok_or(StartError::NoLocalNode)?,
-        };
-        Ok(Self { config, map, key, me })
-    }
-
-    fn addr(&self) -> Ipv4Addr {
-        self.map.get(self.me).expect("checked at load").addr
-    }
-}
-
-/// The first map node whose address this host can bind: that is us.
-pub fn local_node(map: &ClusterMap) -> Option<NodeId> {
-    map.nodes()
-        .find(|n| std::net::UdpSocket::bind((n.addr, 0)).is_ok())
-        .map(|n| n.id)
 }
 
 /// The resource view the configuration asks for.

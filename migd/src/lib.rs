@@ -4,4 +4,5 @@
 //! [`channel`]: the authenticated connection between two migds. [`records`]: the home records.
 
 pub mod channel;
+pub mod relay;
 pub mod records;
