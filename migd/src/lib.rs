@@ -4,5 +4,6 @@
 //! [`channel`]: the authenticated connection between two migds. [`records`]: the home records.
 
 pub mod channel;
+pub mod daemon;
 pub mod relay;
 pub mod records;

@@ -31,6 +31,16 @@ pub const STATE_ROOT: &str = "/run/rmosix-cluster";
 pub const SUBNET: [u8; 3] = [10, 213, 0];
 /// infod's port inside the cluster.
 pub const INFOD_PORT: u16 = 5401;
+/// migd's port inside the cluster.
+pub const MIGD_PORT: u16 = 5402;
+/// Where the nodes of a local cluster keep image sets (one tmpfs on this machine; each image set is still
+/// sent over the network between nodes).
+pub const IMAGE_STORE: &str = "/run/rmosix/images";
+
+/// The criu the cluster's nodes use: `$RMOSIX_CRIU`, else the one `cargo xtask setup` provisions.
+pub fn criu_path() -> PathBuf {
+    std::env::var_os("RMOSIX_CRIU").map_or_else(|| PathBuf::from("/opt/rmosix/criu/bin/criu"), PathBuf::from)
+}
 
 const CPUSET_ROOT: &str = "/sys/fs/cgroup/cpuset";
 const MEMORY_ROOT: &str = "/sys/fs/cgroup/memory";
@@ -160,6 +170,7 @@ impl Cluster {
         cluster.build().with_context(|| format!("cannot build cluster {}", cluster.spec.name))?;
         for node in cluster.node_ids() {
             cluster.start_infod(node)?;
+            cluster.start_migd(node)?;
         }
         Ok(cluster)
     }
@@ -294,9 +305,18 @@ impl Cluster {
                  [resources]\n\
                  source = \"cgroup\"\n\
                  cpuset_cgroup = \"{}\"\n\
-                 memory_cgroup = \"{}\"\n",
+                 memory_cgroup = \"{}\"\n\n\
+                 [migd]\n\
+                 port = {MIGD_PORT}\n\
+                 socket = \"migd.sock\"\n\
+                 records = \"records\"\n\n\
+                 [checkpoint]\n\
+                 criu = \"{}\"\n\
+                 image_store = \"{IMAGE_STORE}\"\n\
+                 log_dir = \"criu-logs\"\n",
                 cpuset.display(),
                 memory.display(),
+                criu_path().display(),
             );
             std::fs::write(self.config(i), config)?;
         }
@@ -356,6 +376,7 @@ impl Cluster {
         cmd.env("PATH", search)
             .env(rmosix_common::config::CONFIG_ENV, self.config(i))
             .env(query::SOCKET_ENV, self.infod_socket(i))
+            .env(rmosix_common::control::SOCKET_ENV, self.migd_socket(i))
             .env("RMOSIX_NODE", i.to_string());
         // SAFETY: only async-signal-safe calls (setns, write) on descriptors opened before the fork.
         unsafe {
@@ -375,45 +396,72 @@ impl Cluster {
         Ok(cmd)
     }
 
-    fn infod_pid_file(&self, i: u32) -> PathBuf {
-        self.node_dir(i).join("infod.pid")
+    fn pid_file(&self, i: u32, daemon: &str) -> PathBuf {
+        self.node_dir(i).join(format!("{daemon}.pid"))
     }
 
-    /// Starts infod on node `i`, in its own session (so a terminal's Ctrl-C does not reach it), logging to
-    /// `node<i>/infod.log`, and waits until it answers on its socket.
-    pub fn start_infod(&self, i: u32) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.node_dir(i).join("infod.log"))?;
-        let mut cmd = self.command(i, self.spec.bin_dir.join("infod"))?;
+    /// migd's control socket on node `i`.
+    pub fn migd_socket(&self, i: u32) -> PathBuf {
+        self.node_dir(i).join("migd.sock")
+    }
+
+    /// Host PID of a daemon (`infod`, `migd`) of node `i`.
+    pub fn daemon_pid(&self, i: u32, daemon: &str) -> anyhow::Result<i32> {
+        Ok(std::fs::read_to_string(self.pid_file(i, daemon))?.trim().parse()?)
+    }
+
+    /// Starts a daemon (`infod` or `migd`) on node `i`, in its own session (so a terminal's Ctrl-C does not
+    /// reach it), logging to `node<i>/<daemon>.log`, and waits until it answers on its socket.
+    fn start_daemon(&self, i: u32, daemon: &str, ready: impl Fn() -> bool) -> anyhow::Result<()> {
+        let log_path = self.node_dir(i).join(format!("{daemon}.log"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let mut cmd = self.command(i, self.spec.bin_dir.join(daemon))?;
         cmd.arg("--config").arg(self.config(i)).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         cmd.process_group(0);
-        let child = cmd.spawn().with_context(|| format!("cannot start infod on node {i}"))?;
-        std::fs::write(self.infod_pid_file(i), child.id().to_string())?;
-        // The child is not waited for here: a test that stops infod reaps it through `stop_infod`, and a
-        // daemon outliving `cargo xtask cluster up` is meant to.
-        std::mem::forget(child);
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {daemon} on node {i}"))?;
+        std::fs::write(self.pid_file(i, daemon), child.id().to_string())?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if query::ask(&self.infod_socket(i), &Request::View).is_ok() {
+            if ready() {
+                // Not waited for here: a test that stops the daemon reaps it through `kill_daemon`, and a
+                // daemon outliving `cargo xtask cluster up` is meant to.
+                std::mem::forget(child);
                 return Ok(());
             }
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.node_dir(i).join("infod.log")).unwrap_or_default();
-                bail!("infod on node {i} did not come up within 10 s; its log:\n{log}");
+            if Instant::now() > deadline || child.try_wait().is_ok_and(|s| s.is_some()) {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("{daemon} on node {i} did not come up; its log:\n{log}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Stops infod on node `i` with SIGKILL (a crash, as far as the rest of the cluster can tell).
-    pub fn kill_infod(&self, i: u32) -> anyhow::Result<()> {
-        let pid: i32 = std::fs::read_to_string(self.infod_pid_file(i))?.trim().parse()?;
-        let pid = nix::unistd::Pid::from_raw(pid);
+    /// Starts infod on node `i` and waits until it answers.
+    pub fn start_infod(&self, i: u32) -> anyhow::Result<()> {
+        let socket = self.infod_socket(i);
+        self.start_daemon(i, "infod", || query::ask(&socket, &Request::View).is_ok())
+    }
+
+    /// Starts migd on node `i` and waits until it accepts connections.
+    pub fn start_migd(&self, i: u32) -> anyhow::Result<()> {
+        let socket = self.migd_socket(i);
+        self.start_daemon(i, "migd", || std::os::unix::net::UnixStream::connect(&socket).is_ok())
+    }
+
+    /// Stops a daemon of node `i` with SIGKILL (a crash, as far as the rest of the cluster can tell).
+    pub fn kill_daemon(&self, i: u32, daemon: &str) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.daemon_pid(i, daemon)?);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
-            .with_context(|| format!("cannot kill infod {pid} on node {i}"))?;
+            .with_context(|| format!("cannot kill {daemon} {pid} on node {i}"))?;
         // Reap it if it is our child; if not, it is someone else's to reap.
         let _ = nix::sys::wait::waitpid(pid, None);
-        std::fs::remove_file(self.infod_pid_file(i))?;
+        std::fs::remove_file(self.pid_file(i, daemon))?;
         Ok(())
+    }
+
+    /// Stops infod on node `i` with SIGKILL.
+    pub fn kill_infod(&self, i: u32) -> anyhow::Result<()> {
+        self.kill_daemon(i, "infod")
     }
 
     /// Node `i`'s view of the cluster, through its infod socket.

@@ -1,0 +1,147 @@
+//! mosrun and migd on a real cluster node: the job runs under its deputy's identity, its output arrives
+//! complete and in order wherever the deputy's output goes, its input comes from the deputy, signals reach
+//! it, the deputy exits with its status, and a dead deputy takes its job with it.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rmosix_testcluster::{Cluster, Spec, bin_dir_of_current_test};
+
+fn cluster(name: &str, nodes: u32) -> Cluster {
+    Cluster::up(Spec::new(name, nodes, bin_dir_of_current_test()))
+        .unwrap_or_else(|e| panic!("cannot start test cluster {name}: {e:#}"))
+}
+
+fn job() -> String {
+    env!("CARGO_BIN_EXE_rmx-job").to_owned()
+}
+
+fn reference(args: &[&str]) -> String {
+    let out = Command::new(job()).args(args).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A command run on node 1 as nobody (uid and gid 65534), after entering the node (which needs root).
+fn as_nobody(c: &Cluster, program: &str) -> Command {
+    let mut cmd = c.command(1, "setpriv").unwrap();
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
+    cmd
+}
+
+fn mosrun(c: &Cluster, node: u32) -> Command {
+    c.command(node, "mosrun").unwrap()
+}
+
+/// Processes of the node's cgroup running `comm`.
+fn running(c: &Cluster, node: u32, comm: &str) -> Vec<i32> {
+    let [cpuset, _] = c.cgroups(node);
+    std::fs::read_to_string(cpuset.join("cgroup.procs"))
+        .unwrap()
+        .lines()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm))
+        .collect()
+}
+
+#[test]
+fn a_job_prints_everything_and_its_status_comes_home() {
+    let c = cluster("mrun", 1);
+    let args = ["spin", "200", "100000"];
+    let out = mosrun(&c, 1).arg(job()).args(args).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), reference(&args));
+
+    let out = mosrun(&c, 1).args(["sh", "-c", "echo to-stderr >&2; exit 7"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
+
+    // A large output is not truncated, whatever the deputy's stdout is: here a file.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let args = ["spin", "20000", "10"];
+    let status = mosrun(&c, 1).arg(job()).args(args).stdout(file.reopen().unwrap()).status().unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::read_to_string(file.path()).unwrap(), reference(&args));
+
+    // A program that does not exist: the job's status says so, as a shell would.
+    let out = mosrun(&c, 1).arg("/nonexistent/program").output().unwrap();
+    assert_eq!(out.status.code(), Some(127));
+}
+
+#[test]
+fn the_job_reads_the_deputys_stdin() {
+    let c = cluster("mstdin", 1);
+    let mut child = mosrun(&c, 1).arg(job()).arg("echo").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input: String = (0..5000).map(|i| format!("line {i}\n")).collect();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let expected = Command::new(job()).arg("echo").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut e_in = expected.stdin.as_ref().unwrap();
+    e_in.write_all(input.as_bytes()).unwrap();
+    let expected = {
+        let mut e = expected;
+        drop(e.stdin.take());
+        e.wait_with_output().unwrap()
+    };
+    assert_eq!(out.stdout, expected.stdout);
+}
+
+#[test]
+fn sigint_to_the_deputy_stops_the_job_and_the_deputy_exits_130() {
+    let c = cluster("msig", 1);
+    let mut child = mosrun(&c, 1).arg(job()).args(["spin", "100000", "1000000"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(line.starts_with("step 0 "), "{line}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()), nix::sys::signal::Signal::SIGINT)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(running(&c, 1, "rmx-job").is_empty());
+}
+
+#[test]
+fn killing_the_deputy_kills_the_job() {
+    let c = cluster("mkill", 1);
+    let mut child = mosrun(&c, 1).arg(job()).args(["spin", "100000", "1000000"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(running(&c, 1, "rmx-job").len(), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !running(&c, 1, "rmx-job").is_empty() {
+        assert!(Instant::now() < deadline, "the job outlived its deputy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_job_runs_as_its_owner_and_others_cannot_move_it() {
+    let c = cluster("muser", 1);
+    // As nobody (65534): the job's identity is the deputy's.
+    let out = as_nobody(&c, "mosrun").args(["sh", "-c", "id -u; id -g"]).current_dir("/").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "65534\n65534\n");
+
+    // Root's job can't be moved by nobody.
+    let mut child = mosrun(&c, 1).arg(job()).args(["spin", "100000", "1000000"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let pid = child.id().to_string();
+    let refused = as_nobody(&c, "migrate").args([pid.as_str(), "home"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("NotYours"), "{err}");
+    let none = c.command(1, "migrate").unwrap().args(["999999", "home"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&none.stderr).contains("NoSuchJob"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
