@@ -59,7 +59,15 @@
 //! framing with the same sequence numbers. Raw bytes are not covered by frame MACs: the sender follows them
 //! with a frame carrying their keyed BLAKE3 hash under [`Channel::bulk_key`], which the receiver compares
 //! before using them.
+//!
+//! # Blocking
+//!
+//! [`blocking::Channel`] is the same channel over `std::io` streams, for migd's threads that drive CRIU and
+//! move images with blocking I/O. It shares the handshake state machine (`Handshake`) and the frame
+//! building and checking (`Outbound`, `Inbound`) with [`Channel`], so the two cannot drift apart; an
+//! async end and a blocking end interoperate.
 
+use std::convert::Infallible;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
@@ -217,6 +225,22 @@ pub enum ChannelError {
     },
 }
 
+impl ChannelError {
+    /// Whether this is a timeout: [`ChannelError::HandshakeTimeout`], or a read or write timeout set on a
+    /// blocking socket (`set_read_timeout`; Unix reports `WouldBlock`, other systems `TimedOut`). After a
+    /// receive's read timeout the channel is still usable and the receive can be called again; after a
+    /// send's write timeout it is poisoned.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Self::HandshakeTimeout { .. } => true,
+            Self::Io { source, .. } => {
+                matches!(source.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Keyed HMAC-SHA256 from a key of any length.
 fn hmac(key: &[u8]) -> HmacSha256 {
     HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length")
@@ -257,6 +281,16 @@ impl Hello {
         out[10..].copy_from_slice(&self.nonce);
         out
     }
+
+    /// The hello whose bytes after the shared prefix are `rest`, once magic and `version` have been checked.
+    fn decode_after_prefix(version: u16, rest: &[u8]) -> Self {
+        let (node, nonce) = rest.split_at(4);
+        Self {
+            version,
+            node: u32::from_le_bytes(node.try_into().expect("4 bytes of node id")),
+            nonce: nonce.try_into().expect("32 bytes of nonce"),
+        }
+    }
 }
 
 /// The handshake transcript both proofs and all keys cover.
@@ -268,56 +302,6 @@ fn transcript(client: &Hello, server: &Hello, version: u16) -> [u8; TRANSCRIPT_L
     t[68..72].copy_from_slice(&server.node.to_le_bytes());
     t[72..74].copy_from_slice(&version.to_le_bytes());
     t
-}
-
-async fn read_handshake<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    buf: &mut [u8],
-    step: &'static str,
-) -> Result<(), ChannelError> {
-    match stream.read_exact(buf).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(ChannelError::HandshakeClosed { step }),
-        Err(source) => Err(ChannelError::Io { doing: step, source }),
-    }
-}
-
-async fn write_handshake<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    bytes: &[u8],
-    step: &'static str,
-) -> Result<(), ChannelError> {
-    let written = async {
-        stream.write_all(bytes).await?;
-        stream.flush().await
-    };
-    written.await.map_err(|source| ChannelError::Io { doing: step, source })
-}
-
-/// Reads a hello, refusing a foreign magic or another version before reading past the shared prefix.
-async fn read_hello<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    version: u16,
-    step: &'static str,
-) -> Result<Hello, ChannelError> {
-    let mut prefix = [0; HELLO_PREFIX_LEN];
-    read_handshake(stream, &mut prefix, step).await?;
-    let [m0, m1, m2, m3, v0, v1] = prefix;
-    if [m0, m1, m2, m3] != MAGIC {
-        return Err(ChannelError::BadMagic { found: [m0, m1, m2, m3] });
-    }
-    let theirs = u16::from_le_bytes([v0, v1]);
-    if theirs != version {
-        return Err(ChannelError::VersionMismatch { ours: version, theirs });
-    }
-    let mut rest = [0; HELLO_LEN - HELLO_PREFIX_LEN];
-    read_handshake(stream, &mut rest, step).await?;
-    let (node, nonce) = rest.split_at(4);
-    Ok(Hello {
-        version: theirs,
-        node: u32::from_le_bytes(node.try_into().expect("4 bytes")),
-        nonce: nonce.try_into().expect("32 bytes"),
-    })
 }
 
 /// What a finished handshake yields.
@@ -340,52 +324,190 @@ impl Session {
     }
 }
 
-async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    key: &ClusterKey,
-    our_node: u32,
-    version: u16,
-) -> Result<Session, ChannelError> {
-    let ours = Hello::fresh(version, our_node);
-    write_handshake(stream, &ours.encode(), "sending the client hello").await?;
-    let theirs = read_hello(stream, version, "reading the server hello").await?;
-    let t = transcript(&ours, &theirs, version);
-    let mut proof = [0; PROOF_LEN];
-    read_handshake(stream, &mut proof, "reading the server proof").await?;
-    derive(key, LABEL_SERVER_PROOF, &t)
-        .verify_slice(&proof)
-        .map_err(|_| ChannelError::AuthFailed { peer: Role::Server })?;
-    write_handshake(stream, &derive_bytes(key, LABEL_CLIENT_PROOF, &t), "sending the client proof").await?;
-    Ok(Session::new(key, &t, Role::Client, theirs.node))
+/// One I/O operation a [`Handshake`] asks its driver for.
+enum HandshakeIo {
+    /// Write all of these bytes and flush.
+    Write(Vec<u8>),
+    /// Read exactly this many bytes.
+    Read(usize),
+    /// The handshake is over and the peer has proved itself.
+    Done(Box<Session>),
 }
 
-async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    key: &ClusterKey,
-    our_node: u32,
+/// Where a [`Handshake`] is; each stage says what the result of the I/O it asked for means.
+enum Stage {
+    /// Nothing done yet.
+    Start,
+    /// The client's hello has been written.
+    ClientHelloSent,
+    /// The peer hello's magic and version were read.
+    PeerPrefix,
+    /// The rest of the peer's hello was read.
+    PeerHelloRest,
+    /// The server's hello and proof have been written.
+    ServerProofSent { peer_node: u32, transcript: [u8; TRANSCRIPT_LEN] },
+    /// The peer's proof was read.
+    PeerProof { peer_node: u32, transcript: [u8; TRANSCRIPT_LEN] },
+    /// The client's proof has been written.
+    ClientProofSent { peer_node: u32, transcript: [u8; TRANSCRIPT_LEN] },
+    /// Our hello has been written, best effort, to a peer of another version: fail with this.
+    Refusing(ChannelError),
+    /// Failed or finished.
+    Over,
+}
+
+/// One end's handshake as a state machine without I/O, so the async and the blocking channel speak exactly
+/// the same protocol from the same code. Its driver does each [`HandshakeIo`] it asks for and hands the
+/// result to the next [`Handshake::advance`]; every decision and every error is made here.
+struct Handshake<'k> {
+    key: &'k ClusterKey,
+    role: Role,
     version: u16,
-) -> Result<Session, ChannelError> {
-    let ours = Hello::fresh(version, our_node);
-    let theirs = match read_hello(stream, version, "reading the client hello").await {
-        Ok(hello) => hello,
-        Err(e @ ChannelError::VersionMismatch { .. }) => {
-            // Best effort, so the client can report both versions; the error that matters is ours.
-            let _ = write_handshake(stream, &ours.encode(), "sending the server hello").await;
-            return Err(e);
+    ours: Hello,
+    stage: Stage,
+    /// The step whose I/O is under way, named in its errors.
+    step: &'static str,
+}
+
+impl<'k> Handshake<'k> {
+    fn new(key: &'k ClusterKey, our_node: u32, role: Role, version: u16) -> Self {
+        Self {
+            key,
+            role,
+            version,
+            ours: Hello::fresh(version, our_node),
+            stage: Stage::Start,
+            step: "starting",
         }
-        Err(e) => return Err(e),
-    };
-    let t = transcript(&theirs, &ours, version);
-    let mut reply = [0; HELLO_LEN + PROOF_LEN];
-    reply[..HELLO_LEN].copy_from_slice(&ours.encode());
-    reply[HELLO_LEN..].copy_from_slice(&derive_bytes(key, LABEL_SERVER_PROOF, &t));
-    write_handshake(stream, &reply, "sending the server hello and proof").await?;
-    let mut proof = [0; PROOF_LEN];
-    read_handshake(stream, &mut proof, "reading the client proof").await?;
-    derive(key, LABEL_CLIENT_PROOF, &t)
-        .verify_slice(&proof)
-        .map_err(|_| ChannelError::AuthFailed { peer: Role::Client })?;
-    Ok(Session::new(key, &t, Role::Server, theirs.node))
+    }
+
+    /// Takes the result of the last I/O asked for (for the first call and after a write, `Ok` of nothing;
+    /// after a read, the bytes read) and says what to do next.
+    fn advance(&mut self, done: io::Result<Vec<u8>>) -> Result<HandshakeIo, ChannelError> {
+        let stage = std::mem::replace(&mut self.stage, Stage::Over);
+        if let Stage::Refusing(error) = stage {
+            // Whether the peer got our hello does not matter: the version mismatch is the error.
+            return Err(error);
+        }
+        let step = self.step;
+        let input = done.map_err(|source| {
+            if source.kind() == io::ErrorKind::UnexpectedEof {
+                ChannelError::HandshakeClosed { step }
+            } else {
+                ChannelError::Io { doing: step, source }
+            }
+        })?;
+        let (hello_step, proof_step) = match self.role {
+            Role::Client => ("reading the server hello", "reading the server proof"),
+            Role::Server => ("reading the client hello", "reading the client proof"),
+        };
+        let read_prefix = HandshakeIo::Read(HELLO_PREFIX_LEN);
+        Ok(match (stage, self.role) {
+            (Stage::Start, Role::Client) => self.then(
+                Stage::ClientHelloSent,
+                "sending the client hello",
+                HandshakeIo::Write(self.ours.encode().into()),
+            ),
+            (Stage::Start, Role::Server) | (Stage::ClientHelloSent, _) => {
+                self.then(Stage::PeerPrefix, hello_step, read_prefix)
+            }
+            (Stage::PeerPrefix, role) => match check_hello_prefix(&input, self.version) {
+                Ok(()) => self.then(
+                    Stage::PeerHelloRest,
+                    hello_step,
+                    HandshakeIo::Read(HELLO_LEN - HELLO_PREFIX_LEN),
+                ),
+                Err(error @ ChannelError::VersionMismatch { .. }) if role == Role::Server => {
+                    // So the client can name both versions too.
+                    let hello = HandshakeIo::Write(self.ours.encode().into());
+                    self.then(Stage::Refusing(error), "sending the server hello", hello)
+                }
+                Err(error) => return Err(error),
+            },
+            (Stage::PeerHelloRest, Role::Client) => {
+                let peer = Hello::decode_after_prefix(self.version, &input);
+                let transcript = transcript(&self.ours, &peer, self.version);
+                let next = Stage::PeerProof { peer_node: peer.node, transcript };
+                self.then(next, proof_step, HandshakeIo::Read(PROOF_LEN))
+            }
+            (Stage::PeerHelloRest, Role::Server) => {
+                let peer = Hello::decode_after_prefix(self.version, &input);
+                let transcript = transcript(&peer, &self.ours, self.version);
+                let mut reply = Vec::with_capacity(HELLO_LEN + PROOF_LEN);
+                reply.extend_from_slice(&self.ours.encode());
+                reply.extend_from_slice(&derive_bytes(self.key, LABEL_SERVER_PROOF, &transcript));
+                let next = Stage::ServerProofSent { peer_node: peer.node, transcript };
+                self.then(next, "sending the server hello and proof", HandshakeIo::Write(reply))
+            }
+            (Stage::ServerProofSent { peer_node, transcript }, _) => self.then(
+                Stage::PeerProof { peer_node, transcript },
+                proof_step,
+                HandshakeIo::Read(PROOF_LEN),
+            ),
+            (Stage::PeerProof { peer_node, transcript }, Role::Client) => {
+                derive(self.key, LABEL_SERVER_PROOF, &transcript)
+                    .verify_slice(&input)
+                    .map_err(|_| ChannelError::AuthFailed { peer: Role::Server })?;
+                let proof = derive_bytes(self.key, LABEL_CLIENT_PROOF, &transcript).into();
+                let next = Stage::ClientProofSent { peer_node, transcript };
+                self.then(next, "sending the client proof", HandshakeIo::Write(proof))
+            }
+            (Stage::PeerProof { peer_node, transcript }, Role::Server) => {
+                derive(self.key, LABEL_CLIENT_PROOF, &transcript)
+                    .verify_slice(&input)
+                    .map_err(|_| ChannelError::AuthFailed { peer: Role::Client })?;
+                HandshakeIo::Done(Box::new(Session::new(self.key, &transcript, Role::Server, peer_node)))
+            }
+            (Stage::ClientProofSent { peer_node, transcript }, _) => {
+                HandshakeIo::Done(Box::new(Session::new(self.key, &transcript, Role::Client, peer_node)))
+            }
+            (Stage::Refusing(_) | Stage::Over, _) => {
+                unreachable!("a handshake advanced after it ended")
+            }
+        })
+    }
+
+    fn then(&mut self, stage: Stage, step: &'static str, io: HandshakeIo) -> HandshakeIo {
+        self.stage = stage;
+        self.step = step;
+        io
+    }
+}
+
+/// Refuses a foreign magic or another version, from the first bytes of a hello that every version shares.
+fn check_hello_prefix(prefix: &[u8], version: u16) -> Result<(), ChannelError> {
+    let [m0, m1, m2, m3, v0, v1] = <[u8; HELLO_PREFIX_LEN]>::try_from(prefix).expect("a whole hello prefix");
+    if [m0, m1, m2, m3] != MAGIC {
+        return Err(ChannelError::BadMagic { found: [m0, m1, m2, m3] });
+    }
+    let theirs = u16::from_le_bytes([v0, v1]);
+    if theirs != version {
+        return Err(ChannelError::VersionMismatch { ours: version, theirs });
+    }
+    Ok(())
+}
+
+/// Runs a handshake over an async stream.
+async fn handshake_async<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    mut handshake: Handshake<'_>,
+) -> Result<Session, ChannelError> {
+    let mut done = Ok(Vec::new());
+    loop {
+        done = match handshake.advance(done)? {
+            HandshakeIo::Write(bytes) => write_flushed(stream, &bytes).await.map(|()| Vec::new()),
+            HandshakeIo::Read(len) => {
+                let mut buf = vec![0; len];
+                stream.read_exact(&mut buf).await.map(|_| buf)
+            }
+            HandshakeIo::Done(session) => return Ok(*session),
+        };
+    }
+}
+
+async fn write_flushed<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8]) -> io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }
 
 /// The MAC of the frame with sequence number `seq`.
@@ -398,7 +520,21 @@ fn frame_mac(key: &HmacSha256, seq: u64, len: u32, kind: u8, payload: &[u8]) -> 
     m
 }
 
-/// The sending side of a channel: its direction's key and sequence number.
+fn encode_json<T: Serialize + ?Sized>(kind: u8, msg: &T) -> Result<Vec<u8>, ChannelError> {
+    serde_json::to_vec(msg).map_err(|source| ChannelError::Encode { kind, source })
+}
+
+fn decode_json<T: DeserializeOwned>((kind, payload): (u8, Vec<u8>)) -> Result<(u8, T), ChannelError> {
+    let msg = serde_json::from_slice(&payload).map_err(|source| ChannelError::Decode { kind, source })?;
+    Ok((kind, msg))
+}
+
+fn shutdown_failed(source: io::Error) -> ChannelError {
+    ChannelError::Io { doing: "closing the connection", source }
+}
+
+/// The sending side of a channel: its direction's key and sequence number. Builds frames and keeps the
+/// books; the async and blocking senders only write what [`Outbound::start`] returns.
 struct Outbound {
     /// HMAC pre-keyed with this direction's session key; cloned per frame.
     key: HmacSha256,
@@ -412,12 +548,9 @@ struct Outbound {
 }
 
 impl Outbound {
-    async fn send<W: AsyncWrite + Unpin>(
-        &mut self,
-        stream: &mut W,
-        kind: u8,
-        payload: &[u8],
-    ) -> Result<(), ChannelError> {
+    /// Refuses a poisoned channel or an oversized payload, else returns the frame to write in one piece
+    /// (separate small writes would meet Nagle's algorithm on TCP) and marks it in flight.
+    fn start(&mut self, kind: u8, payload: &[u8]) -> Result<Vec<u8>, ChannelError> {
         if self.in_flight || self.poisoned.load(Ordering::Acquire) {
             self.poisoned.store(true, Ordering::Release);
             return Err(ChannelError::Poisoned);
@@ -426,18 +559,18 @@ impl Outbound {
             Ok(len) if payload.len() <= MAX_PAYLOAD => len,
             _ => return Err(ChannelError::FrameTooLarge { len: payload.len() }),
         };
-        // One buffer, one write: separate small writes would meet Nagle's algorithm on TCP.
         let mut frame = Vec::with_capacity(FRAME_HEADER_LEN + payload.len() + TAG_LEN);
         frame.extend_from_slice(&len.to_le_bytes());
         frame.push(kind);
         frame.extend_from_slice(payload);
         frame.extend_from_slice(&frame_mac(&self.key, self.seq, len, kind, payload).finalize().into_bytes());
         self.in_flight = true;
-        let written = async {
-            stream.write_all(&frame).await?;
-            stream.flush().await
-        };
-        match written.await {
+        Ok(frame)
+    }
+
+    /// Books the outcome of writing the frame from [`Outbound::start`]; a failed write poisons.
+    fn finish(&mut self, written: io::Result<()>) -> Result<(), ChannelError> {
+        match written {
             Ok(()) => {
                 self.in_flight = false;
                 self.seq += 1;
@@ -450,23 +583,21 @@ impl Outbound {
         }
     }
 
-    async fn send_json<W: AsyncWrite + Unpin, T: Serialize + ?Sized>(
+    async fn send<W: AsyncWrite + Unpin>(
         &mut self,
         stream: &mut W,
         kind: u8,
-        msg: &T,
+        payload: &[u8],
     ) -> Result<(), ChannelError> {
-        let payload = serde_json::to_vec(msg).map_err(|source| ChannelError::Encode { kind, source })?;
-        self.send(stream, kind, &payload).await
-    }
-
-    async fn shutdown<W: AsyncWrite + Unpin>(&mut self, stream: &mut W) -> Result<(), ChannelError> {
-        stream.shutdown().await.map_err(|source| ChannelError::Io { doing: "closing the connection", source })
+        let frame = self.start(kind, payload)?;
+        let written = write_flushed(stream, &frame).await;
+        self.finish(written)
     }
 }
 
-/// The receiving side of a channel. Keeps a partly received frame across calls, so [`Inbound::recv`] is
-/// cancel-safe.
+/// The receiving side of a channel. Keeps a partly received frame across calls, so a receive can stop
+/// between reads (a cancelled future, a socket read timeout) and go on later. Says where the next read
+/// goes and checks what arrived; the async and blocking receivers only do the reads.
 struct Inbound {
     /// HMAC pre-keyed with this direction's session key; cloned per frame.
     key: HmacSha256,
@@ -484,84 +615,109 @@ struct Inbound {
     poisoned: Arc<AtomicBool>,
 }
 
+const READING_HEADER: &str = "reading a frame header";
+const READING_BODY: &str = "reading a frame payload and tag";
+
 impl Inbound {
     fn mid_frame(&self) -> bool {
         self.header_filled > 0
     }
 
-    async fn recv<R: AsyncRead + Unpin>(&mut self, stream: &mut R) -> Result<(u8, Vec<u8>), ChannelError> {
+    fn check_usable(&self) -> Result<(), ChannelError> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(ChannelError::Poisoned);
         }
-        let received = self.recv_frame(stream).await;
-        // A clean end of the peer's direction leaves the stream in step: ours may still be used (half-close).
-        if received.as_ref().is_err_and(|e| !matches!(e, ChannelError::Closed)) {
+        Ok(())
+    }
+
+    /// Poisons the channel on a failed receive, except for two that leave the stream in step: a clean end of
+    /// the peer's direction (ours may still be used, as with a TCP half-close) and a read timeout set on a
+    /// blocking socket (nothing was consumed; the partial frame is kept for the next receive).
+    fn settle<T>(&self, received: Result<T, ChannelError>) -> Result<T, ChannelError> {
+        if received.as_ref().is_err_and(|e| !matches!(e, ChannelError::Closed) && !e.is_timeout()) {
             self.poisoned.store(true, Ordering::Release);
         }
         received
     }
 
-    async fn recv_json<R: AsyncRead + Unpin, T: DeserializeOwned>(
-        &mut self,
-        stream: &mut R,
-    ) -> Result<(u8, T), ChannelError> {
-        let (kind, payload) = self.recv(stream).await?;
-        let msg = serde_json::from_slice(&payload).map_err(|source| ChannelError::Decode { kind, source })?;
-        Ok((kind, msg))
+    /// What the next read is for, named in its errors.
+    fn doing(&self) -> &'static str {
+        if self.header_filled < FRAME_HEADER_LEN { READING_HEADER } else { READING_BODY }
     }
 
-    /// Reads into the frame state with plain cancel-safe `read`s of no more than the frame still needs,
-    /// so nothing past the frame is consumed (raw bulk bytes may follow it).
-    async fn recv_frame<R: AsyncRead + Unpin>(
-        &mut self,
-        stream: &mut R,
-    ) -> Result<(u8, Vec<u8>), ChannelError> {
-        const HEADER: &str = "reading a frame header";
-        const BODY: &str = "reading a frame payload and tag";
-        while self.header_filled < FRAME_HEADER_LEN {
-            let n = stream
-                .read(&mut self.header[self.header_filled..])
-                .await
-                .map_err(|source| ChannelError::Io { doing: HEADER, source })?;
+    /// Where the next read goes: never past the end of the frame, so nothing after it is consumed (raw
+    /// bulk bytes may follow).
+    fn buffer(&mut self) -> &mut [u8] {
+        if self.header_filled < FRAME_HEADER_LEN {
+            &mut self.header[self.header_filled..]
+        } else {
+            &mut self.body[self.body_filled..]
+        }
+    }
+
+    /// Books `n` bytes read into [`Inbound::buffer`] (0: the end of the stream). Returns the frame once it
+    /// is complete and authentic.
+    fn filled(&mut self, n: usize) -> Result<Option<(u8, Vec<u8>)>, ChannelError> {
+        if self.header_filled < FRAME_HEADER_LEN {
             if n == 0 {
                 return Err(if self.header_filled == 0 {
                     ChannelError::Closed
                 } else {
-                    ChannelError::Truncated { step: HEADER }
+                    ChannelError::Truncated { step: READING_HEADER }
                 });
             }
             self.header_filled += n;
-        }
-        let [l0, l1, l2, l3, kind] = self.header;
-        let len32 = u32::from_le_bytes([l0, l1, l2, l3]);
-        let len = usize::try_from(len32).unwrap_or(usize::MAX);
-        if len > MAX_PAYLOAD {
-            return Err(ChannelError::FrameTooLarge { len });
-        }
-        let body_len = len + TAG_LEN;
-        if self.body.is_empty() {
-            self.body = vec![0; body_len];
-            self.body_filled = 0;
-        }
-        while self.body_filled < body_len {
-            let n = stream
-                .read(&mut self.body[self.body_filled..])
-                .await
-                .map_err(|source| ChannelError::Io { doing: BODY, source })?;
-            if n == 0 {
-                return Err(ChannelError::Truncated { step: BODY });
+            if self.header_filled == FRAME_HEADER_LEN {
+                let len = usize::try_from(self.announced()).unwrap_or(usize::MAX);
+                if len > MAX_PAYLOAD {
+                    return Err(ChannelError::FrameTooLarge { len });
+                }
+                self.body = vec![0; len + TAG_LEN];
+                self.body_filled = 0;
             }
-            self.body_filled += n;
+            return Ok(None);
         }
+        if n == 0 {
+            return Err(ChannelError::Truncated { step: READING_BODY });
+        }
+        self.body_filled += n;
+        if self.body_filled < self.body.len() {
+            return Ok(None);
+        }
+        let len32 = self.announced();
+        let kind = self.header[FRAME_HEADER_LEN - 1];
         let mut payload = std::mem::take(&mut self.body);
         self.header_filled = 0;
         self.body_filled = 0;
-        let tag = payload.split_off(len);
+        let tag = payload.split_off(payload.len() - TAG_LEN);
         frame_mac(&self.key, self.seq, len32, kind, &payload)
             .verify_slice(&tag)
             .map_err(|_| ChannelError::BadMac { seq: self.seq })?;
         self.seq += 1;
-        Ok((kind, payload))
+        Ok(Some((kind, payload)))
+    }
+
+    /// The payload length in the frame header.
+    fn announced(&self) -> u32 {
+        let [l0, l1, l2, l3, _kind] = self.header;
+        u32::from_le_bytes([l0, l1, l2, l3])
+    }
+
+    async fn recv<R: AsyncRead + Unpin>(&mut self, stream: &mut R) -> Result<(u8, Vec<u8>), ChannelError> {
+        self.check_usable()?;
+        let received = async {
+            loop {
+                // A plain `read` is cancel-safe; the state it fills survives a cancelled future.
+                let doing = self.doing();
+                let n =
+                    stream.read(self.buffer()).await.map_err(|source| ChannelError::Io { doing, source })?;
+                if let Some(frame) = self.filled(n)? {
+                    return Ok(frame);
+                }
+            }
+        };
+        let received = received.await;
+        self.settle(received)
     }
 }
 
@@ -617,17 +773,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         version: u16,
         limit: Duration,
     ) -> Result<Self, ChannelError> {
-        let steps = async {
-            match role {
-                Role::Client => client_handshake(&mut stream, key, our_node, version).await,
-                Role::Server => server_handshake(&mut stream, key, our_node, version).await,
-            }
-        };
+        let steps = handshake_async(&mut stream, Handshake::new(key, our_node, role, version));
         let session = tokio::time::timeout(limit, steps)
             .await
             .map_err(|_| ChannelError::HandshakeTimeout { after: limit })??;
+        Ok(Self::established(stream, session))
+    }
+
+    /// Sends one frame. A payload over [`MAX_PAYLOAD`] is refused with nothing sent.
+    pub async fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), ChannelError> {
+        self.outbound.send(&mut self.stream, kind, payload).await
+    }
+
+    /// Receives the next frame: its kind and payload. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<(u8, Vec<u8>), ChannelError> {
+        self.inbound.recv(&mut self.stream).await
+    }
+
+    /// Sends `msg` as JSON in a frame of `kind`.
+    pub async fn send_json<T: Serialize + ?Sized>(&mut self, kind: u8, msg: &T) -> Result<(), ChannelError> {
+        self.send(kind, &encode_json(kind, msg)?).await
+    }
+
+    /// Receives the next frame and decodes its payload as JSON. A payload that does not decode gives
+    /// [`ChannelError::Decode`] and leaves the channel usable.
+    pub async fn recv_json<T: DeserializeOwned>(&mut self) -> Result<(u8, T), ChannelError> {
+        decode_json(self.recv().await?)
+    }
+
+    /// Closes our sending direction (TCP FIN); the peer's next [`Channel::recv`] gives
+    /// [`ChannelError::Closed`].
+    pub async fn shutdown(&mut self) -> Result<(), ChannelError> {
+        self.stream.shutdown().await.map_err(shutdown_failed)
+    }
+
+    /// The stream, for raw bulk bytes between frames.
+    ///
+    /// The caller must read or write exactly the number of bytes both ends agreed on in a preceding frame
+    /// (`read_exact`, `write_all`, `AsyncReadExt::take(len)`; never an unbounded `read_to_end`), then
+    /// authenticate them with a keyed BLAKE3 hash under [`Channel::bulk_key`] sent in a following frame.
+    /// Framing then goes on with the same sequence numbers. If raw I/O fails, drop the channel.
+    ///
+    /// Refused on a poisoned channel, and while a cancelled [`Channel::recv`] holds part of a frame.
+    pub fn raw_mut(&mut self) -> Result<&mut S, ChannelError> {
+        self.raw()
+    }
+
+    /// Splits into a receiving and a sending half that can be used from different tasks, with
+    /// `tokio::io::split`. For a `TcpStream`, `into_split_with(TcpStream::into_split)` avoids its lock.
+    pub fn into_split(self) -> (ChannelReader<ReadHalf<S>>, ChannelWriter<WriteHalf<S>>) {
+        self.into_split_with(tokio::io::split)
+    }
+}
+
+impl<S> Channel<S> {
+    /// The channel over `stream` after a handshake on it.
+    fn established(stream: S, session: Session) -> Self {
         let poisoned = Arc::new(AtomicBool::new(false));
-        Ok(Self {
+        Self {
             stream,
             outbound: Outbound {
                 key: session.send,
@@ -646,45 +849,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             },
             peer_node: session.peer_node,
             bulk_key: session.bulk_key,
-        })
+        }
     }
 
-    /// Sends one frame. A payload over [`MAX_PAYLOAD`] is refused with nothing sent.
-    pub async fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), ChannelError> {
-        self.outbound.send(&mut self.stream, kind, payload).await
-    }
-
-    /// Receives the next frame: its kind and payload. Cancel-safe.
-    pub async fn recv(&mut self) -> Result<(u8, Vec<u8>), ChannelError> {
-        self.inbound.recv(&mut self.stream).await
-    }
-
-    /// Sends `msg` as JSON in a frame of `kind`.
-    pub async fn send_json<T: Serialize + ?Sized>(&mut self, kind: u8, msg: &T) -> Result<(), ChannelError> {
-        self.outbound.send_json(&mut self.stream, kind, msg).await
-    }
-
-    /// Receives the next frame and decodes its payload as JSON. A payload that does not decode gives
-    /// [`ChannelError::Decode`] and leaves the channel usable.
-    pub async fn recv_json<T: DeserializeOwned>(&mut self) -> Result<(u8, T), ChannelError> {
-        self.inbound.recv_json(&mut self.stream).await
-    }
-
-    /// Closes our sending direction (TCP FIN); the peer's next [`Channel::recv`] gives
-    /// [`ChannelError::Closed`].
-    pub async fn shutdown(&mut self) -> Result<(), ChannelError> {
-        self.outbound.shutdown(&mut self.stream).await
-    }
-
-    /// The stream, for raw bulk bytes between frames.
-    ///
-    /// The caller must read or write exactly the number of bytes both ends agreed on in a preceding frame
-    /// (`read_exact`, `write_all`, `AsyncReadExt::take(len)`; never an unbounded `read_to_end`), then
-    /// authenticate them with a keyed BLAKE3 hash under [`Channel::bulk_key`] sent in a following frame.
-    /// Framing then goes on with the same sequence numbers. If raw I/O fails, drop the channel.
-    ///
-    /// Refused on a poisoned channel, and while a cancelled [`Channel::recv`] holds part of a frame.
-    pub fn raw_mut(&mut self) -> Result<&mut S, ChannelError> {
+    /// The stream for raw bulk bytes, with the rules of [`Channel::raw_mut`].
+    fn raw(&mut self) -> Result<&mut S, ChannelError> {
         if self.outbound.in_flight || self.outbound.poisoned.load(Ordering::Acquire) {
             return Err(ChannelError::Poisoned);
         }
@@ -694,14 +863,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         Ok(&mut self.stream)
     }
 
-    /// Splits into a receiving and a sending half that can be used from different tasks, with
-    /// `tokio::io::split`. For a `TcpStream`, `into_split_with(TcpStream::into_split)` avoids its lock.
-    pub fn into_split(self) -> (ChannelReader<ReadHalf<S>>, ChannelWriter<WriteHalf<S>>) {
-        self.into_split_with(tokio::io::split)
-    }
-}
-
-impl<S> Channel<S> {
     /// The node id the peer gave in its authenticated hello.
     pub fn peer_node(&self) -> u32 {
         self.peer_node
@@ -719,11 +880,20 @@ impl<S> Channel<S> {
         self,
         split: impl FnOnce(S) -> (R, W),
     ) -> (ChannelReader<R>, ChannelWriter<W>) {
-        let (read, write) = split(self.stream);
-        (
+        let Ok(halves) = self.try_split(|stream| Ok::<_, Infallible>(split(stream)));
+        halves
+    }
+
+    /// [`Channel::into_split_with`] with a `split` that can fail; the channel is dropped if it does.
+    fn try_split<R, W, E>(
+        self,
+        split: impl FnOnce(S) -> Result<(R, W), E>,
+    ) -> Result<(ChannelReader<R>, ChannelWriter<W>), E> {
+        let (read, write) = split(self.stream)?;
+        Ok((
             ChannelReader { stream: read, inbound: self.inbound, peer_node: self.peer_node },
             ChannelWriter { stream: write, outbound: self.outbound, peer_node: self.peer_node },
-        )
+        ))
     }
 }
 
@@ -754,7 +924,7 @@ impl<R: AsyncRead + Unpin> ChannelReader<R> {
 
     /// Receives the next frame and decodes its payload as JSON.
     pub async fn recv_json<T: DeserializeOwned>(&mut self) -> Result<(u8, T), ChannelError> {
-        self.inbound.recv_json(&mut self.stream).await
+        decode_json(self.recv().await?)
     }
 }
 
@@ -792,12 +962,12 @@ impl<W: AsyncWrite + Unpin> ChannelWriter<W> {
 
     /// Sends `msg` as JSON in a frame of `kind`.
     pub async fn send_json<T: Serialize + ?Sized>(&mut self, kind: u8, msg: &T) -> Result<(), ChannelError> {
-        self.outbound.send_json(&mut self.stream, kind, msg).await
+        self.send(kind, &encode_json(kind, msg)?).await
     }
 
     /// Closes our sending direction; the peer's next receive gives [`ChannelError::Closed`].
     pub async fn shutdown(&mut self) -> Result<(), ChannelError> {
-        self.outbound.shutdown(&mut self.stream).await
+        self.stream.shutdown().await.map_err(shutdown_failed)
     }
 }
 
@@ -805,6 +975,372 @@ impl<W> ChannelWriter<W> {
     /// The node id the peer authenticated as.
     pub fn peer_node(&self) -> u32 {
         self.peer_node
+    }
+}
+
+pub mod blocking {
+    //! The same channel over blocking `std::io` streams, for migd code on plain threads (CRIU and the
+    //! image transfer block).
+    //!
+    //! Same wire format, same guarantees and the same [`ChannelError`]s as the async
+    //! [`Channel`](super::Channel): the handshake state machine and the frame building and checking are the
+    //! very same code; only the reads and writes differ. An async end and a blocking end talk to each other.
+    //!
+    //! Where the async channel has cancellation, the blocking one has socket timeouts.
+    //! [`Channel::client_tcp`] and [`Channel::server_tcp`] bound the whole handshake by
+    //! [`HANDSHAKE_TIMEOUT`]; the generic [`Channel::client`] and [`Channel::server`] have no limit of their
+    //! own. A read timeout the caller sets on the socket makes a receive return an error for which
+    //! [`ChannelError::is_timeout`] holds, and leaves the channel usable with any partly received frame
+    //! kept, like a cancelled async receive; a send that times out half-way poisons the channel, like a
+    //! cancelled async send.
+
+    use std::fmt;
+    use std::io::{self, Read, Write};
+    use std::net::{Shutdown, TcpStream};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    use rmosix_common::key::ClusterKey;
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    use super::{
+        BULK_KEY_LEN, ChannelError, HANDSHAKE_TIMEOUT, Handshake, HandshakeIo, Inbound, Outbound, Role,
+        Session, VERSION, decode_json, encode_json, shutdown_failed,
+    };
+
+    /// A socket that can close its sending direction and be split by cloning its handle, as
+    /// [`Channel::shutdown`] and [`Channel::into_split`] need: `TcpStream` and `UnixStream`.
+    pub trait Socket: Read + Write + Sized {
+        /// Closes the sending direction (`SHUT_WR`), so the peer reads the end of the stream.
+        fn shutdown_write(&self) -> io::Result<()>;
+        /// Another handle to the same socket.
+        fn try_clone_handle(&self) -> io::Result<Self>;
+    }
+
+    impl Socket for TcpStream {
+        fn shutdown_write(&self) -> io::Result<()> {
+            self.shutdown(Shutdown::Write)
+        }
+
+        fn try_clone_handle(&self) -> io::Result<Self> {
+            self.try_clone()
+        }
+    }
+
+    impl Socket for UnixStream {
+        fn shutdown_write(&self) -> io::Result<()> {
+            self.shutdown(Shutdown::Write)
+        }
+
+        fn try_clone_handle(&self) -> io::Result<Self> {
+            self.try_clone()
+        }
+    }
+
+    /// An authenticated connection to another migd over a blocking stream; see the [module](self) docs and
+    /// the async [`Channel`](super::Channel), whose rules it follows.
+    pub struct Channel<S> {
+        /// The channel's state; only its async methods are not used.
+        inner: super::Channel<S>,
+    }
+
+    impl<S> fmt::Debug for Channel<S> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            self.inner.fmt(f)
+        }
+    }
+
+    impl<S: Read + Write> Channel<S> {
+        /// Runs the handshake as the end that connected, as node `our_node`; see
+        /// [`Channel::client`](super::Channel::client). No time limit: bound it with socket timeouts, or
+        /// use [`Channel::client_tcp`].
+        pub fn client(stream: S, key: &ClusterKey, our_node: u32) -> Result<Self, ChannelError> {
+            Self::handshake(stream, key, our_node, Role::Client, VERSION)
+        }
+
+        /// Runs the handshake as the end that accepted, as node `our_node`; see
+        /// [`Channel::server`](super::Channel::server). No time limit: bound it with socket timeouts, or
+        /// use [`Channel::server_tcp`].
+        pub fn server(stream: S, key: &ClusterKey, our_node: u32) -> Result<Self, ChannelError> {
+            Self::handshake(stream, key, our_node, Role::Server, VERSION)
+        }
+
+        pub(super) fn handshake(
+            mut stream: S,
+            key: &ClusterKey,
+            our_node: u32,
+            role: Role,
+            version: u16,
+        ) -> Result<Self, ChannelError> {
+            let session = handshake(&mut stream, Handshake::new(key, our_node, role, version))?;
+            Ok(Self { inner: super::Channel::established(stream, session) })
+        }
+
+        /// Sends one frame. A payload over [`MAX_PAYLOAD`](super::MAX_PAYLOAD) is refused with nothing
+        /// sent.
+        pub fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), ChannelError> {
+            send(&mut self.inner.outbound, &mut self.inner.stream, kind, payload)
+        }
+
+        /// Receives the next frame: its kind and payload.
+        pub fn recv(&mut self) -> Result<(u8, Vec<u8>), ChannelError> {
+            recv(&mut self.inner.inbound, &mut self.inner.stream)
+        }
+
+        /// Sends `msg` as JSON in a frame of `kind`.
+        pub fn send_json<T: Serialize + ?Sized>(&mut self, kind: u8, msg: &T) -> Result<(), ChannelError> {
+            self.send(kind, &encode_json(kind, msg)?)
+        }
+
+        /// Receives the next frame and decodes its payload as JSON. A payload that does not decode gives
+        /// [`ChannelError::Decode`] and leaves the channel usable.
+        pub fn recv_json<T: DeserializeOwned>(&mut self) -> Result<(u8, T), ChannelError> {
+            decode_json(self.recv()?)
+        }
+
+        /// The stream, for raw bulk bytes between frames, with the rules of
+        /// [`Channel::raw_mut`](super::Channel::raw_mut): exactly the agreed number of bytes (`read_exact`,
+        /// `write_all`, `Read::take(len)`), then their keyed BLAKE3 hash in a frame. Refused on a poisoned
+        /// channel, and while a receive that timed out holds part of a frame.
+        pub fn raw_mut(&mut self) -> Result<&mut S, ChannelError> {
+            self.inner.raw()
+        }
+    }
+
+    impl Channel<TcpStream> {
+        /// [`Channel::client`] with the whole handshake bounded by [`HANDSHAKE_TIMEOUT`]
+        /// ([`ChannelError::HandshakeTimeout`]). The stream's own read and write timeouts are restored
+        /// afterwards.
+        pub fn client_tcp(stream: TcpStream, key: &ClusterKey, our_node: u32) -> Result<Self, ChannelError> {
+            Self::handshake_tcp(stream, key, our_node, Role::Client, HANDSHAKE_TIMEOUT)
+        }
+
+        /// [`Channel::server`] with the whole handshake bounded by [`HANDSHAKE_TIMEOUT`]
+        /// ([`ChannelError::HandshakeTimeout`]). The stream's own read and write timeouts are restored
+        /// afterwards.
+        pub fn server_tcp(stream: TcpStream, key: &ClusterKey, our_node: u32) -> Result<Self, ChannelError> {
+            Self::handshake_tcp(stream, key, our_node, Role::Server, HANDSHAKE_TIMEOUT)
+        }
+
+        pub(super) fn handshake_tcp(
+            stream: TcpStream,
+            key: &ClusterKey,
+            our_node: u32,
+            role: Role,
+            limit: Duration,
+        ) -> Result<Self, ChannelError> {
+            let io_error = |doing| move |source| ChannelError::Io { doing, source };
+            let read_timeout = stream.read_timeout().map_err(io_error("reading the socket timeouts"))?;
+            let write_timeout = stream.write_timeout().map_err(io_error("reading the socket timeouts"))?;
+            let mut bounded = Deadline { stream: &stream, deadline: Instant::now() + limit };
+            let session =
+                handshake(&mut bounded, Handshake::new(key, our_node, role, VERSION)).map_err(|e| {
+                    if e.is_timeout() { ChannelError::HandshakeTimeout { after: limit } } else { e }
+                })?;
+            stream.set_read_timeout(read_timeout).map_err(io_error("restoring the socket timeouts"))?;
+            stream.set_write_timeout(write_timeout).map_err(io_error("restoring the socket timeouts"))?;
+            Ok(Self { inner: super::Channel::established(stream, session) })
+        }
+    }
+
+    impl<S: Socket> Channel<S> {
+        /// Closes our sending direction; the peer's next receive gives [`ChannelError::Closed`], and ours
+        /// can go on.
+        pub fn shutdown(&mut self) -> Result<(), ChannelError> {
+            self.inner.stream.shutdown_write().map_err(shutdown_failed)
+        }
+
+        /// Splits into halves over two handles to the socket, for a reading and a writing thread. If the
+        /// handle cannot be cloned (out of file descriptors), the channel is dropped with the error.
+        pub fn into_split(self) -> Result<(Reader<S>, Writer<S>), ChannelError> {
+            self.try_into_split_with(|s| Ok((s.try_clone_handle()?, s)))
+        }
+    }
+
+    impl<S> Channel<S> {
+        /// The node id the peer gave in its authenticated hello.
+        pub fn peer_node(&self) -> u32 {
+            self.inner.peer_node()
+        }
+
+        /// Key for keyed BLAKE3 of raw bulk bytes on this connection; see
+        /// [`Channel::bulk_key`](super::Channel::bulk_key).
+        pub fn bulk_key(&self) -> &[u8; BULK_KEY_LEN] {
+            self.inner.bulk_key()
+        }
+
+        /// Splits into a receiving and a sending half with `split`. Each half keeps its direction's key and
+        /// sequence number; an error on either poisons both.
+        pub fn into_split_with<R, W>(self, split: impl FnOnce(S) -> (R, W)) -> (Reader<R>, Writer<W>) {
+            let (reader, writer) = self.inner.into_split_with(split);
+            (Reader { inner: reader }, Writer { inner: writer })
+        }
+
+        /// [`Channel::into_split_with`] with a `split` that can fail, e.g. `|s| Ok((s.try_clone()?, s))`
+        /// for a `TcpStream`. On failure the channel is dropped with the error.
+        pub fn try_into_split_with<R, W>(
+            self,
+            split: impl FnOnce(S) -> io::Result<(R, W)>,
+        ) -> Result<(Reader<R>, Writer<W>), ChannelError> {
+            let (reader, writer) = self
+                .inner
+                .try_split(split)
+                .map_err(|source| ChannelError::Io { doing: "splitting the channel", source })?;
+            Ok((Reader { inner: reader }, Writer { inner: writer }))
+        }
+    }
+
+    /// The receiving half of a [`Channel`].
+    pub struct Reader<R> {
+        /// The receiving state and the stream's reading half.
+        inner: super::ChannelReader<R>,
+    }
+
+    impl<R> fmt::Debug for Reader<R> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            self.inner.fmt(f)
+        }
+    }
+
+    impl<R: Read> Reader<R> {
+        /// Receives the next frame: its kind and payload.
+        pub fn recv(&mut self) -> Result<(u8, Vec<u8>), ChannelError> {
+            recv(&mut self.inner.inbound, &mut self.inner.stream)
+        }
+
+        /// Receives the next frame and decodes its payload as JSON.
+        pub fn recv_json<T: DeserializeOwned>(&mut self) -> Result<(u8, T), ChannelError> {
+            decode_json(self.recv()?)
+        }
+    }
+
+    impl<R> Reader<R> {
+        /// The node id the peer authenticated as.
+        pub fn peer_node(&self) -> u32 {
+            self.inner.peer_node()
+        }
+    }
+
+    /// The sending half of a [`Channel`].
+    pub struct Writer<W> {
+        /// The sending state and the stream's writing half.
+        inner: super::ChannelWriter<W>,
+    }
+
+    impl<W> fmt::Debug for Writer<W> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            self.inner.fmt(f)
+        }
+    }
+
+    impl<W: Write> Writer<W> {
+        /// Sends one frame; see [`Channel::send`].
+        pub fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), ChannelError> {
+            send(&mut self.inner.outbound, &mut self.inner.stream, kind, payload)
+        }
+
+        /// Sends `msg` as JSON in a frame of `kind`.
+        pub fn send_json<T: Serialize + ?Sized>(&mut self, kind: u8, msg: &T) -> Result<(), ChannelError> {
+            self.send(kind, &encode_json(kind, msg)?)
+        }
+    }
+
+    impl<W: Socket> Writer<W> {
+        /// Closes our sending direction; the peer's next receive gives [`ChannelError::Closed`].
+        pub fn shutdown(&mut self) -> Result<(), ChannelError> {
+            self.inner.stream.shutdown_write().map_err(shutdown_failed)
+        }
+    }
+
+    impl<W> Writer<W> {
+        /// The node id the peer authenticated as.
+        pub fn peer_node(&self) -> u32 {
+            self.inner.peer_node()
+        }
+    }
+
+    /// Runs a handshake over a blocking stream.
+    fn handshake<S: Read + Write>(
+        stream: &mut S,
+        mut handshake: Handshake<'_>,
+    ) -> Result<Session, ChannelError> {
+        let mut done = Ok(Vec::new());
+        loop {
+            done = match handshake.advance(done)? {
+                HandshakeIo::Write(bytes) => {
+                    stream.write_all(&bytes).and_then(|()| stream.flush()).map(|()| Vec::new())
+                }
+                HandshakeIo::Read(len) => {
+                    let mut buf = vec![0; len];
+                    stream.read_exact(&mut buf).map(|()| buf)
+                }
+                HandshakeIo::Done(session) => return Ok(*session),
+            };
+        }
+    }
+
+    fn send<W: Write>(
+        outbound: &mut Outbound,
+        stream: &mut W,
+        kind: u8,
+        payload: &[u8],
+    ) -> Result<(), ChannelError> {
+        let frame = outbound.start(kind, payload)?;
+        let written = stream.write_all(&frame).and_then(|()| stream.flush());
+        outbound.finish(written)
+    }
+
+    fn recv<R: Read>(inbound: &mut Inbound, stream: &mut R) -> Result<(u8, Vec<u8>), ChannelError> {
+        inbound.check_usable()?;
+        let received = recv_frame(inbound, stream);
+        inbound.settle(received)
+    }
+
+    fn recv_frame<R: Read>(inbound: &mut Inbound, stream: &mut R) -> Result<(u8, Vec<u8>), ChannelError> {
+        loop {
+            let doing = inbound.doing();
+            let n = match stream.read(inbound.buffer()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(ChannelError::Io { doing, source }),
+            };
+            if let Some(frame) = inbound.filled(n)? {
+                return Ok(frame);
+            }
+        }
+    }
+
+    /// A TCP stream whose reads and writes must all finish by `deadline`: bounds the whole handshake, where
+    /// a socket timeout alone would bound each read and let a peer trickle bytes forever.
+    struct Deadline<'s> {
+        stream: &'s TcpStream,
+        deadline: Instant,
+    }
+
+    impl Deadline<'_> {
+        fn left(&self) -> io::Result<Duration> {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() { Err(io::ErrorKind::TimedOut.into()) } else { Ok(left) }
+        }
+    }
+
+    impl Read for Deadline<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.stream.set_read_timeout(Some(self.left()?))?;
+            self.stream.read(buf)
+        }
+    }
+
+    impl Write for Deadline<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.stream.set_write_timeout(Some(self.left()?))?;
+            self.stream.write(buf)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 }
 
@@ -1307,5 +1843,334 @@ mod tests {
         let (c, _mute) = tokio::io::duplex(PIPE);
         let client = Channel::handshake(c, &key(), CLIENT_NODE, Role::Client, VERSION, limit).await;
         assert!(matches!(client, Err(ChannelError::HandshakeTimeout { .. })));
+    }
+
+    /// The blocking channel: the same protocol over `std::io` streams, on threads.
+    mod blocking {
+        use std::io::{Read as _, Write as _};
+        use std::net::{TcpListener, TcpStream};
+        use std::os::unix::net::UnixStream;
+        use std::thread;
+
+        use super::super::blocking::{Channel, Socket as _};
+        use super::*;
+
+        /// A client and a server channel over a socket pair.
+        fn pair() -> (Channel<UnixStream>, Channel<UnixStream>) {
+            let (c, s) = UnixStream::pair().unwrap();
+            let k = &key();
+            thread::scope(|scope| {
+                let server = scope.spawn(move || Channel::server(s, k, SERVER_NODE));
+                let client = Channel::client(c, k, CLIENT_NODE).unwrap();
+                (client, server.join().unwrap().unwrap())
+            })
+        }
+
+        /// A man in the middle over two socket pairs: the test moves bytes between them itself.
+        struct Mitm {
+            /// Our end of the client's pair.
+            client_side: UnixStream,
+            /// Our end of the server's pair.
+            server_side: UnixStream,
+        }
+
+        impl Mitm {
+            fn take_from_client(&mut self, n: usize) -> Vec<u8> {
+                let mut buf = vec![0; n];
+                self.client_side.read_exact(&mut buf).unwrap();
+                buf
+            }
+
+            fn send_to_server(&mut self, bytes: &[u8]) {
+                self.server_side.write_all(bytes).unwrap();
+            }
+
+            fn forward_to_server(&mut self, n: usize) {
+                let bytes = self.take_from_client(n);
+                self.send_to_server(&bytes);
+            }
+
+            fn forward_to_client(&mut self, n: usize) {
+                let mut buf = vec![0; n];
+                self.server_side.read_exact(&mut buf).unwrap();
+                self.client_side.write_all(&buf).unwrap();
+            }
+        }
+
+        fn mitm_pair() -> (Channel<UnixStream>, Channel<UnixStream>, Mitm) {
+            let (c, client_side) = UnixStream::pair().unwrap();
+            let (s, server_side) = UnixStream::pair().unwrap();
+            let mut mitm = Mitm { client_side, server_side };
+            let k = &key();
+            let (client, server) = thread::scope(|scope| {
+                let client = scope.spawn(move || Channel::client(c, k, CLIENT_NODE));
+                let server = scope.spawn(move || Channel::server(s, k, SERVER_NODE));
+                mitm.forward_to_server(HELLO_LEN);
+                mitm.forward_to_client(HELLO_LEN + PROOF_LEN);
+                mitm.forward_to_server(PROOF_LEN);
+                (client.join().unwrap().unwrap(), server.join().unwrap().unwrap())
+            });
+            (client, server, mitm)
+        }
+
+        fn tcp_pair() -> (Channel<TcpStream>, Channel<TcpStream>) {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let k = &key();
+            thread::scope(|scope| {
+                let server = scope.spawn(move || {
+                    let (stream, _) = listener.accept().unwrap();
+                    stream.set_nodelay(true).unwrap();
+                    Channel::server_tcp(stream, k, SERVER_NODE).unwrap()
+                });
+                let stream = TcpStream::connect(addr).unwrap();
+                stream.set_nodelay(true).unwrap();
+                // The caller's own timeout survives the handshake's deadline.
+                stream.set_read_timeout(Some(Duration::from_mins(1))).unwrap();
+                let client = Channel::client_tcp(stream, k, CLIENT_NODE).unwrap();
+                (client, server.join().unwrap())
+            })
+        }
+
+        #[test]
+        fn tcp_handshake_messages_both_ways_and_half_close() {
+            let (mut client, mut server) = tcp_pair();
+            assert_eq!(client.peer_node(), SERVER_NODE);
+            assert_eq!(server.peer_node(), CLIENT_NODE);
+            assert_eq!(client.bulk_key(), server.bulk_key());
+            let timeout = client.raw_mut().unwrap().read_timeout().unwrap();
+            assert_eq!(timeout, Some(Duration::from_mins(1)), "the handshake restores the socket's timeouts");
+            assert_eq!(server.raw_mut().unwrap().read_timeout().unwrap(), None);
+
+            client.send(1, b"migrate job 42").unwrap();
+            client.send(2, b"").unwrap();
+            assert_eq!(server.recv().unwrap(), (1, b"migrate job 42".to_vec()));
+            assert_eq!(server.recv().unwrap(), (2, Vec::new()));
+            server.send(3, b"accepted").unwrap();
+            assert_eq!(client.recv().unwrap(), (3, b"accepted".to_vec()));
+
+            let offer = Offer { job: 7, image_bytes: 1 << 30, argv: vec!["sim".into(), "--steps=9".into()] };
+            client.send_json(9, &offer).unwrap();
+            assert_eq!(server.recv_json::<Offer>().unwrap(), (9, offer));
+            client.send(9, b"not json").unwrap();
+            assert!(matches!(server.recv_json::<Offer>(), Err(ChannelError::Decode { kind: 9, .. })));
+
+            let too_big = vec![0; MAX_PAYLOAD + 1];
+            assert!(matches!(client.send(5, &too_big), Err(ChannelError::FrameTooLarge { .. })));
+            client.send(6, b"still usable").unwrap();
+            assert_eq!(server.recv().unwrap(), (6, b"still usable".to_vec()));
+
+            client.shutdown().unwrap();
+            assert!(matches!(server.recv(), Err(ChannelError::Closed)));
+            server.send(7, b"final report").unwrap();
+            assert_eq!(client.recv().unwrap(), (7, b"final report".to_vec()));
+        }
+
+        #[test]
+        fn the_largest_payload_goes_through_a_socket_pair() {
+            let (mut client, mut server) = pair();
+            let big = vec![0xa5; MAX_PAYLOAD];
+            thread::scope(|scope| {
+                scope.spawn(|| client.send(4, &big).unwrap());
+                assert_eq!(server.recv().unwrap(), (4, big.clone()));
+            });
+            server.send(5, b"done").unwrap();
+            assert_eq!(client.recv().unwrap(), (5, b"done".to_vec()));
+        }
+
+        #[test]
+        fn raw_bulk_bytes_between_frames_then_split_halves_on_threads() {
+            const N: u32 = 200;
+            let (mut client, mut server) = tcp_pair();
+            let image: Vec<u8> = (0..3_000_000u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
+            thread::scope(|scope| {
+                scope.spawn(|| {
+                    client.send_json(1, &image.len()).unwrap();
+                    client.raw_mut().unwrap().write_all(&image).unwrap();
+                    let digest = blake3::keyed_hash(client.bulk_key(), &image);
+                    client.send(2, digest.as_bytes()).unwrap();
+                    client.send(3, b"restore now").unwrap();
+                });
+                let (_, len) = server.recv_json::<u64>().unwrap();
+                let mut got = Vec::new();
+                server.raw_mut().unwrap().take(len).read_to_end(&mut got).unwrap();
+                let (kind, digest) = server.recv().unwrap();
+                assert_eq!(kind, 2);
+                assert_eq!(blake3::keyed_hash(server.bulk_key(), &got).as_bytes()[..], digest[..]);
+                assert_eq!(server.recv().unwrap(), (3, b"restore now".to_vec()));
+                assert_eq!(got, image);
+            });
+
+            let (mut c_rx, mut c_tx) = client.into_split().unwrap();
+            let (mut s_rx, mut s_tx) =
+                server.try_into_split_with(|s| Ok((s.try_clone_handle()?, s))).unwrap();
+            assert_eq!(c_rx.peer_node(), SERVER_NODE);
+            assert_eq!(s_tx.peer_node(), CLIENT_NODE);
+            thread::scope(|scope| {
+                scope.spawn(|| (0..N).for_each(|i| c_tx.send_json(1, &i).unwrap()));
+                scope.spawn(|| (0..N).for_each(|i| s_tx.send_json(2, &(i * 2)).unwrap()));
+                scope.spawn(|| (0..N).for_each(|i| assert_eq!(s_rx.recv_json::<u32>().unwrap(), (1, i))));
+                scope.spawn(|| (0..N).for_each(|i| assert_eq!(c_rx.recv_json::<u32>().unwrap(), (2, i * 2))));
+            });
+            c_tx.shutdown().unwrap();
+            assert!(matches!(s_rx.recv(), Err(ChannelError::Closed)));
+        }
+
+        #[test]
+        fn wrong_key_or_version_fails_on_both_sides() {
+            for (client_key, server_key) in [(other_key(), key()), (key(), other_key())] {
+                let (c, s) = UnixStream::pair().unwrap();
+                let (client, server) = thread::scope(|scope| {
+                    let server = scope.spawn(|| Channel::server(s, &server_key, SERVER_NODE));
+                    (Channel::client(c, &client_key, CLIENT_NODE), server.join().unwrap())
+                });
+                assert!(matches!(client, Err(ChannelError::AuthFailed { peer: Role::Server })));
+                assert!(matches!(
+                    server,
+                    Err(ChannelError::HandshakeClosed { step: "reading the client proof" })
+                ));
+            }
+
+            let (c, s) = UnixStream::pair().unwrap();
+            let k = &key();
+            let (client, server) = thread::scope(|scope| {
+                let server =
+                    scope.spawn(move || Channel::handshake(s, k, SERVER_NODE, Role::Server, VERSION + 1));
+                (Channel::client(c, k, CLIENT_NODE), server.join().unwrap())
+            });
+            assert!(matches!(client, Err(ChannelError::VersionMismatch { ours: VERSION, .. })));
+            assert!(matches!(server, Err(ChannelError::VersionMismatch { theirs: VERSION, .. })));
+        }
+
+        #[test]
+        fn flipped_bits_are_refused_and_poison_both_halves() {
+            let payload = b"signal 15";
+            let len = payload.len();
+            for offset in [0, 4, FRAME_HEADER_LEN + 3, FRAME_HEADER_LEN + len + 7] {
+                let (mut client, mut server, mut mitm) = mitm_pair();
+                client.send(8, payload).unwrap();
+                let mut frame = mitm.take_from_client(frame_len(len));
+                frame[offset] ^= 0x01;
+                mitm.send_to_server(&frame);
+                assert!(
+                    matches!(server.recv(), Err(ChannelError::BadMac { seq: 0 })),
+                    "flip at byte {offset} was accepted"
+                );
+                assert!(matches!(server.recv(), Err(ChannelError::Poisoned)));
+                assert!(matches!(server.send(1, b"x"), Err(ChannelError::Poisoned)));
+                assert!(matches!(server.raw_mut(), Err(ChannelError::Poisoned)));
+            }
+
+            // Split first: the reader's failure poisons the writer too.
+            let (mut client, server, mut mitm) = mitm_pair();
+            let (mut rx, mut tx) = server.into_split().unwrap();
+            client.send(8, payload).unwrap();
+            let mut frame = mitm.take_from_client(frame_len(len));
+            frame[FRAME_HEADER_LEN] ^= 0x80;
+            mitm.send_to_server(&frame);
+            assert!(matches!(rx.recv(), Err(ChannelError::BadMac { seq: 0 })));
+            assert!(matches!(tx.send(1, b"x"), Err(ChannelError::Poisoned)));
+        }
+
+        #[test]
+        fn a_read_timeout_keeps_the_partial_frame() {
+            let (mut client, mut server, mut mitm) = mitm_pair();
+            client.send(1, b"in two pieces").unwrap();
+            let frame = mitm.take_from_client(frame_len(13));
+            mitm.send_to_server(&frame[..10]);
+            server.raw_mut().unwrap().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let timed_out = server.recv().unwrap_err();
+            assert!(timed_out.is_timeout(), "{timed_out:?}");
+            assert!(matches!(server.raw_mut(), Err(ChannelError::PartialFrame)));
+            mitm.send_to_server(&frame[10..]);
+            assert_eq!(server.recv().unwrap(), (1, b"in two pieces".to_vec()));
+            assert!(server.raw_mut().is_ok());
+
+            // A timeout between frames leaves the channel usable too; truncation still poisons.
+            assert!(server.recv().unwrap_err().is_timeout());
+            client.send(2, b"next").unwrap();
+            let frame = mitm.take_from_client(frame_len(4));
+            mitm.send_to_server(&frame);
+            assert_eq!(server.recv().unwrap(), (2, b"next".to_vec()));
+            mitm.send_to_server(&frame[..3]);
+            drop(mitm);
+            assert!(matches!(server.recv(), Err(ChannelError::Truncated { step: "reading a frame header" })));
+            assert!(matches!(server.recv(), Err(ChannelError::Poisoned)));
+        }
+
+        #[test]
+        fn tcp_handshake_times_out_with_a_silent_peer() {
+            let limit = Duration::from_millis(50);
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let _silent = TcpStream::connect(addr).unwrap();
+            let (stream, _) = listener.accept().unwrap();
+            let server = Channel::handshake_tcp(stream, &key(), SERVER_NODE, Role::Server, limit);
+            assert!(matches!(server, Err(ChannelError::HandshakeTimeout { after }) if after == limit));
+
+            // A peer that trickles its hello a byte at a time is bounded by the whole handshake's limit.
+            let mut trickle = TcpStream::connect(addr).unwrap();
+            let (stream, _) = listener.accept().unwrap();
+            let started = std::time::Instant::now();
+            let server = thread::spawn(move || {
+                Channel::handshake_tcp(stream, &key(), SERVER_NODE, Role::Server, limit)
+            });
+            for byte in hello_bytes(VERSION, 66) {
+                if trickle.write_all(&[byte]).is_err() || started.elapsed() > 10 * limit {
+                    break;
+                }
+                thread::sleep(limit / 5);
+            }
+            assert!(matches!(server.join().unwrap(), Err(ChannelError::HandshakeTimeout { .. })));
+        }
+
+        #[tokio::test]
+        async fn an_async_end_and_a_blocking_end_interoperate() {
+            // An async client and a blocking server, with raw bulk bytes between frames.
+            let image: Vec<u8> = (0..1_000_000u32).map(|i| u8::try_from(i % 253).unwrap()).collect();
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = thread::spawn(move || {
+                let (stream, _) = listener.accept().unwrap();
+                let mut server = Channel::server_tcp(stream, &key(), SERVER_NODE).unwrap();
+                assert_eq!(server.peer_node(), CLIENT_NODE);
+                let (_, len) = server.recv_json::<u64>().unwrap();
+                let mut got = Vec::new();
+                server.raw_mut().unwrap().take(len).read_to_end(&mut got).unwrap();
+                let (_, digest) = server.recv().unwrap();
+                assert_eq!(blake3::keyed_hash(server.bulk_key(), &got).as_bytes()[..], digest[..]);
+                server.send(2, b"accepted").unwrap();
+                (*server.bulk_key(), got)
+            });
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut client = super::Channel::client(stream, &key(), CLIENT_NODE).await.unwrap();
+            assert_eq!(client.peer_node(), SERVER_NODE);
+            client.send_json(1, &image.len()).await.unwrap();
+            client.raw_mut().unwrap().write_all(&image).await.unwrap();
+            client.send(2, blake3::keyed_hash(client.bulk_key(), &image).as_bytes()).await.unwrap();
+            assert_eq!(client.recv().await.unwrap(), (2, b"accepted".to_vec()));
+            let (bulk_key, got) = server.join().unwrap();
+            assert_eq!(&bulk_key, client.bulk_key());
+            assert_eq!(got, image);
+
+            // A blocking client and an async server, split on the async side.
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let client = thread::spawn(move || {
+                let mut client = Channel::client_tcp(TcpStream::connect(addr).unwrap(), &key(), CLIENT_NODE)?;
+                client.send_json(1, &Offer { job: 3, image_bytes: 9, argv: vec!["sh".into()] })?;
+                let reply = client.recv()?;
+                client.shutdown()?;
+                Ok::<_, ChannelError>(reply)
+            });
+            let (stream, _) = listener.accept().await.unwrap();
+            let server = super::Channel::server(stream, &key(), SERVER_NODE).await.unwrap();
+            let (mut rx, mut tx) = server.into_split_with(tokio::net::TcpStream::into_split);
+            let (kind, offer) = rx.recv_json::<Offer>().await.unwrap();
+            assert_eq!((kind, offer.job), (1, 3));
+            tx.send(5, b"stdout").await.unwrap();
+            assert!(matches!(rx.recv().await, Err(ChannelError::Closed)));
+            assert_eq!(client.join().unwrap().unwrap(), (5, b"stdout".to_vec()));
+        }
     }
 }
