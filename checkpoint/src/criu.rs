@@ -124,6 +124,8 @@ pub struct RestoreRequest<'a> {
     pub inherit: Vec<(String, BorrowedFd<'a>)>,
     /// Where criu (and so the restored tree) runs.
     pub placement: Placement,
+    /// Leave the restored tree stopped (SIGSTOP) until the caller resumes it.
+    pub leave_stopped: bool,
 }
 
 static OPERATION: AtomicU64 = AtomicU64::new(0);
@@ -220,6 +222,7 @@ impl Criu {
         opts.set_log_file(log_name);
         opts.set_log_level(4);
         opts.set_rst_sibling(true);
+        opts.set_leave_stopped(req.leave_stopped);
         opts.set_file_locks(true);
         opts.set_manage_cgroups_mode(Criu_cg_mode::IGNORE);
         let mut keep = vec![req.images_dir.as_raw_fd(), work.as_raw_fd()];

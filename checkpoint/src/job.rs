@@ -275,6 +275,26 @@ impl Job {
     /// Restores the job whose images are in `images`, as a child of the caller, placed as `placement` says
     /// (the caller's network namespace and cgroups when empty), with new stdio pipes.
     pub fn restore(criu: &Criu, images: &ImageDir, placement: Placement) -> Result<(Self, Stdio), JobError> {
+        Self::restore_with(criu, images, placement, false)
+    }
+
+    /// Like [`Job::restore`], but the restored job stays stopped until [`Job::resume`]: a destination that
+    /// must check the job before it runs, or wait until the source has let its copy go.
+    pub fn restore_stopped(criu: &Criu, images: &ImageDir, placement: Placement) -> Result<(Self, Stdio), JobError> {
+        Self::restore_with(criu, images, placement, true)
+    }
+
+    /// Resumes every process of a stopped job.
+    pub fn resume(&self) {
+        resume_tree(self.pid);
+    }
+
+    fn restore_with(
+        criu: &Criu,
+        images: &ImageDir,
+        placement: Placement,
+        leave_stopped: bool,
+    ) -> Result<(Self, Stdio), JobError> {
         let meta = images.path().join(META_FILE);
         let bad = |reason: String| JobError::Meta { path: meta.clone(), reason };
         let text = std::fs::read_to_string(&meta).map_err(|e| bad(e.to_string()))?;
@@ -291,6 +311,7 @@ impl Job {
             images_dir: dir.as_fd(),
             inherit: old.iter().zip(&pipes.job).map(|(ino, fd)| (format!("pipe:[{ino}]"), fd.as_fd())).collect(),
             placement,
+            leave_stopped,
         };
         let pid = criu.restore(&request)?;
         let inodes = [inode(pipes.job[0].as_fd()), inode(pipes.job[1].as_fd()), inode(pipes.job[2].as_fd())];

@@ -1,39 +1,51 @@
-//! The migd daemon: the control socket for local users, and the jobs homed on this node.
+//! The migd daemon: the jobs homed on this node (their deputies), the jobs running on this node (home or
+//! guest), and the moves between nodes.
 //!
-//! Every `mosrun` is one control connection. The deputy passes its stdin, stdout and stderr with its
-//! `Run` request; migd starts the job under `rmosix-init` in its own PID namespace, with the deputy's uid,
-//! gid and groups, relays the job's output into the deputy's descriptors and the deputy's input into the
-//! job, forwards the signals the deputy reports, and answers `Exited` with the job's status when it ends. If
-//! the deputy goes away, the job is killed. Who may do what comes from the socket's peer credentials.
+//! Every `mosrun` is one control connection: the deputy passes its stdin, stdout and stderr with its `Run`
+//! request; migd starts the job under `rmosix-init` with the deputy's uid, gid and groups, relays its output
+//! into the deputy's descriptors and the deputy's input into it, forwards the deputy's signals, and answers
+//! `Exited` with the job's status. When the job runs elsewhere, its node links back here ([`protocol`]'s job
+//! link) and the same happens over the network. If the deputy goes away, the job is killed wherever it runs.
+//!
+//! Threads and blocking I/O throughout: CRIU and the image transfer block, the number of jobs per node is
+//! small, and every flow is a sequence that reads best as straight-line code.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStringExt as _;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 use rmosix_checkpoint::criu::{Criu, Placement};
-use rmosix_checkpoint::job::{Credentials, Job, JobSpec};
+use rmosix_checkpoint::images::{ImageDir, prepare_store};
+use rmosix_checkpoint::job::{Credentials, Job, JobError, JobSpec};
+use rmosix_checkpoint::{migratable, transfer};
 use rmosix_common::NodeId;
-use rmosix_common::control::{self, ControlError, Refusal, Request, Response, Where};
+use rmosix_common::control::{self, ControlError, Refusal, Request, Response, Target, Where};
 use rmosix_common::node::Settings;
+use rmosix_common::query;
 use tracing::{info, warn};
 
+use crate::channel::blocking::{Channel, Writer};
+use crate::protocol::{self, Attach, Moved, Offer, Verdict};
 use crate::records::{JobRecord, JobState, RecordStore, RecordsError};
-use crate::relay::{self, PipeSink, Switch};
+use crate::relay::{self, PipeSink, Sink, Switch};
 
 /// migd could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {what}: {source}")]
     Listen {
-        path: PathBuf,
+        what: String,
         #[source]
         source: std::io::Error,
     },
@@ -41,15 +53,113 @@ pub enum StartError {
     Records(#[from] RecordsError),
     #[error(transparent)]
     Criu(#[from] rmosix_checkpoint::criu::CriuError),
+    #[error(transparent)]
+    Images(#[from] rmosix_checkpoint::images::ImagesError),
     #[error("rmosix-init not found at {0} (set migd.init)")]
     NoInit(PathBuf),
 }
 
-/// A job homed here whose deputy is connected.
-#[derive(Debug)]
+/// A move that did not happen; the job runs on where it was.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct MoveError {
+    why: Refusal,
+    message: String,
+}
+
+impl MoveError {
+    fn new(why: Refusal, message: impl Into<String>) -> Self {
+        Self { why, message: message.into() }
+    }
+}
+
+type SharedWriter = Arc<Mutex<Writer<TcpStream>>>;
+
+/// A job link's writer as a byte sink of one kind of frame.
+struct FrameSink {
+    writer: SharedWriter,
+    kind: u8,
+    eof_kind: Option<u8>,
+}
+
+impl Sink for FrameSink {
+    fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.writer.lock().expect("link lock").send(self.kind, data).map_err(std::io::Error::other)
+    }
+
+    fn end(&mut self) -> std::io::Result<()> {
+        match self.eof_kind {
+            Some(kind) => self.writer.lock().expect("link lock").send(kind, &[]).map_err(std::io::Error::other),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where a running job reports its end.
+enum Report {
+    /// To the deputy session on this node (the job is home).
+    Home(Arc<HomeJob>),
+    /// Over the job link to its home node.
+    Link(SharedWriter),
+}
+
+/// A job running on this node.
+struct Runner {
+    home_node: u32,
+    home_pid: i32,
+    uid: u32,
+    gid: u32,
+    command: Vec<String>,
+    job: Arc<Job>,
+    /// Write end of the job's stdin pipe, while open.
+    stdin: Arc<Mutex<Option<File>>>,
+    /// Set just before the copy here is killed because it runs elsewhere now.
+    moving: AtomicBool,
+    /// The relays of the job's stdout and stderr.
+    outputs: Mutex<Vec<JoinHandle<u64>>>,
+    epoch: u32,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner").field("home_pid", &self.home_pid).field("pid", &self.job.pid()).finish()
+    }
+}
+
+/// Where a job homed here runs.
+enum Location {
+    Here(Arc<Runner>),
+    Away { link: SharedWriter },
+    /// Between two nodes, or between a link's end and the next one's start.
+    Moving,
+}
+
+/// A job homed on this node, with its deputy.
 struct HomeJob {
-    /// The job while it runs on this node.
-    local: Mutex<Option<Arc<Job>>>,
+    home_pid: i32,
+    /// Never leaves home (`mosrun -h`).
+    stay_home: bool,
+    /// The deputy's stdout and stderr (output from any node ends here).
+    out: Mutex<File>,
+    err: Mutex<File>,
+    /// Where the deputy's input goes now.
+    stdin: Switch,
+    stop_stdin: Arc<AtomicBool>,
+    deputy: Mutex<UnixStream>,
+    location: Mutex<Location>,
+    /// How many of the job's locations (generations) have ended; generation N starts once N have.
+    finished_epoch: Mutex<u32>,
+    epoch_changed: Condvar,
+    /// Outcome of the move in progress, for the `migrate` that asked.
+    move_result: Mutex<Option<Result<u32, MoveError>>>,
+    move_changed: Condvar,
+    done: AtomicBool,
+}
+
+impl std::fmt::Debug for HomeJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HomeJob").field("home_pid", &self.home_pid).finish()
+    }
 }
 
 /// The daemon's shared state.
@@ -57,9 +167,11 @@ struct HomeJob {
 pub struct Daemon {
     settings: Settings,
     init: PathBuf,
+    store: PathBuf,
     records: RecordStore,
     criu: Criu,
-    jobs: Mutex<HashMap<i32, Arc<HomeJob>>>,
+    homes: Mutex<HashMap<i32, Arc<HomeJob>>>,
+    runners: Mutex<HashMap<(u32, i32), Arc<Runner>>>,
 }
 
 /// Who is on the other end of a control connection.
@@ -73,62 +185,42 @@ struct Peer {
 fn peer(stream: &UnixStream) -> std::io::Result<Peer> {
     let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(std::io::Error::from)?;
-    Ok(Peer {
-        pid: cred.pid(),
-        uid: cred.uid(),
-        gid: cred.gid(),
-    })
+    Ok(Peer { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() })
 }
 
 fn refuse(stream: &mut UnixStream, why: Refusal, message: impl Into<String>) {
-    let _ = control::send(
-        stream,
-        &Response::Refused {
-            why,
-            message: message.into(),
-        },
-    );
-}
-
-fn now() -> SystemTime {
-    SystemTime::now()
+    let _ = control::send(stream, &Response::Refused { why, message: message.into() });
 }
 
 impl Daemon {
-    /// Opens the records and checks CRIU; does not listen yet.
+    /// Opens the records, prepares the image store and checks CRIU; does not listen yet.
     pub fn new(settings: Settings) -> Result<Self, StartError> {
         let init = settings.config.migd.init.clone().unwrap_or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(|d| d.join("rmosix-init")))
-                .unwrap_or_default()
+            std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("rmosix-init"))).unwrap_or_default()
         });
         if !init.exists() {
             return Err(StartError::NoInit(init));
         }
         let records = RecordStore::open(&settings.config.migd.records)?;
-        let criu = Criu::new(
-            &settings.config.checkpoint.criu,
-            &settings.config.checkpoint.log_dir,
-        )?;
-        // Jobs whose deputy is gone with the old daemon can't be reached any more.
+        let criu = Criu::new(&settings.config.checkpoint.criu, &settings.config.checkpoint.log_dir)?;
+        let store = settings.config.checkpoint.image_store.clone();
+        prepare_store(&store)?;
+        // Records of jobs whose deputy ended while migd was down: nobody waits for them any more.
         for r in records.list() {
-            if !r.state.has_ended()
-                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.home_pid), None).is_err()
-            {
+            if !r.state.has_ended() && nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.home_pid), None).is_err() {
                 let _ = records.update(r.home_pid, |r| {
-                    r.state = JobState::Lost {
-                        reason: "its deputy ended while migd was down".into(),
-                    };
+                    r.state = JobState::Lost { reason: "its deputy ended while migd was down".into() };
                 });
             }
         }
         Ok(Self {
             settings,
             init,
+            store,
             records,
             criu,
-            jobs: Mutex::new(HashMap::new()),
+            homes: Mutex::new(HashMap::new()),
+            runners: Mutex::new(HashMap::new()),
         })
     }
 
@@ -147,27 +239,42 @@ impl Daemon {
         &self.records
     }
 
-    /// Serves the control socket until the process ends.
-    pub fn serve_control(self: &Arc<Self>) -> Result<(), StartError> {
-        let path = &self.settings.config.migd.socket;
-        let listen = |source| StartError::Listen {
-            path: path.clone(),
-            source,
-        };
+    /// Listens on the migration port and the control socket; serves both until the process ends.
+    pub fn serve(self: &Arc<Self>) -> Result<(), StartError> {
+        let addr = SocketAddr::from((self.settings.addr(), self.settings.config.migd.port));
+        let tcp = TcpListener::bind(addr).map_err(|source| StartError::Listen { what: addr.to_string(), source })?;
+        let daemon = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("migd-tcp".into())
+            .spawn(move || {
+                for stream in tcp.incoming() {
+                    match stream {
+                        Ok(stream) => {
+                            let daemon = Arc::clone(&daemon);
+                            std::thread::spawn(move || daemon.serve_peer(stream));
+                        }
+                        Err(e) => warn!(error = %e, "accept on the migration port failed"),
+                    }
+                }
+            })
+            .expect("spawn listener thread");
+        info!(node = %self.me(), %addr, "migd migration port ready");
+        self.serve_control()
+    }
+
+    fn serve_control(self: &Arc<Self>) -> Result<(), StartError> {
+        let path = self.settings.config.migd.socket.clone();
+        let listen = |source| StartError::Listen { what: path.display().to_string(), source };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(listen)?;
         }
-        if UnixStream::connect(path).is_ok() {
-            return Err(listen(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another migd answers there",
-            )));
+        if UnixStream::connect(&path).is_ok() {
+            return Err(listen(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another migd answers there")));
         }
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(listen)?;
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(listen)?;
         // Everyone may connect; what they may do is decided per request from their credentials.
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
-            .map_err(listen)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).map_err(listen)?;
         info!(node = %self.me(), socket = %path.display(), "migd control socket ready");
         for stream in listener.incoming() {
             match stream {
@@ -181,7 +288,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn serve_client(&self, mut stream: UnixStream) {
+    fn serve_client(self: Arc<Self>, mut stream: UnixStream) {
         let Ok(peer) = peer(&stream) else { return };
         let (request, fds) = match control::recv_with_fds::<Request>(&mut stream) {
             Ok(r) => r,
@@ -192,83 +299,41 @@ impl Daemon {
             }
         };
         match request {
-            Request::Run {
-                program,
-                args,
-                env,
-                cwd,
-                umask,
-                place,
-                options,
-            } => {
-                let run = RunRequest {
-                    program,
-                    args,
-                    env,
-                    cwd,
-                    umask,
-                    place,
-                    stay_home: options.stay_home,
-                };
+            Request::Run { program, args, env, cwd, umask, place, options } => {
+                let run = RunRequest { program, args, env, cwd, umask, place, stay_home: options.stay_home };
                 self.run(stream, peer, run, fds);
             }
-            Request::Migrate { home_pid, .. } => match self.records.get(home_pid) {
-                None => refuse(
-                    &mut stream,
-                    Refusal::NoSuchJob,
-                    format!("no job with home PID {home_pid} on this node"),
-                ),
-                Some(r) if peer.uid != 0 && peer.uid != r.uid => {
-                    refuse(
-                        &mut stream,
-                        Refusal::NotYours,
-                        format!("job {home_pid} belongs to uid {}", r.uid),
-                    );
-                }
-                Some(_) => refuse(
-                    &mut stream,
-                    Refusal::Failed,
-                    "moving jobs between nodes is not available yet",
-                ),
-            },
-            Request::Signal { .. } => refuse(
-                &mut stream,
-                Refusal::BadRequest,
-                "signal outside a run session",
-            ),
+            Request::Migrate { home_pid, target } => {
+                let response = match self.migrate(peer, home_pid, target) {
+                    Ok(r) => r,
+                    Err(e) => Response::Refused { why: e.why, message: e.message },
+                };
+                let _ = control::send(&mut stream, &response);
+            }
+            Request::Signal { .. } => refuse(&mut stream, Refusal::BadRequest, "signal outside a run session"),
         }
     }
 
-    fn run(&self, mut stream: UnixStream, peer: Peer, req: RunRequest, fds: Vec<OwnedFd>) {
+    // ---- the home side: deputies -------------------------------------------------------------------------
+
+    fn run(self: &Arc<Self>, mut stream: UnixStream, peer: Peer, req: RunRequest, fds: Vec<OwnedFd>) {
         let Ok([stdin, stdout, stderr]) = <[OwnedFd; 3]>::try_from(fds) else {
-            refuse(
-                &mut stream,
-                Refusal::BadRequest,
-                "a run request must carry stdin, stdout and stderr",
-            );
+            refuse(&mut stream, Refusal::BadRequest, "a run request must carry stdin, stdout and stderr");
             return;
         };
-        match req.place {
-            Where::Home => {}
-            Where::Node(n) if n == self.me().0 => {}
-            Where::Best => {}
-            Where::Node(n) => {
-                refuse(
-                    &mut stream,
-                    Refusal::Failed,
-                    format!("starting on another node ({n}) is not available yet"),
-                );
+        let start_on = match req.place {
+            Where::Home => self.me().0,
+            Where::Node(n) if self.settings.map.get(NodeId(n)).is_none() => {
+                refuse(&mut stream, Refusal::NoSuchNode, format!("node {n} is not in the cluster map"));
                 return;
             }
-        }
+            Where::Node(n) => n,
+            Where::Best => self.best_node(None),
+        };
         let credentials = match credentials(peer) {
             Ok(c) => c,
             Err(e) => {
-                refuse(
-                    &mut stream,
-                    Refusal::Failed,
-                    format!("cannot look up the groups of uid {}: {e}", peer.uid),
-                );
+                refuse(&mut stream, Refusal::Failed, format!("cannot look up the groups of uid {}: {e}", peer.uid));
                 return;
             }
         };
@@ -281,10 +346,7 @@ impl Daemon {
                 .iter()
                 .filter_map(|kv| {
                     let eq = kv.iter().position(|&b| b == b'=')?;
-                    Some((
-                        OsString::from_vec(kv[..eq].to_vec()),
-                        OsString::from_vec(kv[eq + 1..].to_vec()),
-                    ))
+                    Some((OsString::from_vec(kv[..eq].to_vec()), OsString::from_vec(kv[eq + 1..].to_vec())))
                 })
                 .collect(),
             cwd: req.cwd.clone(),
@@ -301,104 +363,618 @@ impl Daemon {
         let job = Arc::new(job);
         let home_pid = peer.pid;
         let mut command = vec![String::from_utf8_lossy(&req.program).into_owned()];
-        command.extend(
-            req.args
-                .iter()
-                .map(|a| String::from_utf8_lossy(a).into_owned()),
-        );
+        command.extend(req.args.iter().map(|a| String::from_utf8_lossy(a).into_owned()));
+        let now = SystemTime::now();
         let record = JobRecord {
             home_pid,
             uid: peer.uid,
             gid: peer.gid,
-            command,
+            command: command.clone(),
             cwd: JobRecord::lossy_path(&req.cwd),
             node: self.me(),
             node_pid: job.pid(),
             state: JobState::Running,
             migrations: 0,
-            started_at: now(),
-            updated_at: now(),
+            started_at: now,
+            updated_at: now,
         };
         if let Err(e) = self.records.insert(record) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(job.pid()), Signal::SIGKILL);
+            let _ = job.signal(Signal::SIGKILL);
             let _ = job.wait();
             refuse(&mut stream, Refusal::Busy, e.to_string());
             return;
         }
-        let home = Arc::new(HomeJob { local: Mutex::new(Some(Arc::clone(&job))) });
-        self.jobs
-            .lock()
-            .expect("jobs lock")
-            .insert(home_pid, Arc::clone(&home));
-        info!(home_pid, uid = peer.uid, pid = job.pid(), command = ?req.program_lossy(), stay_home = req.stay_home, "job started");
-
-        // Output into the deputy's descriptors, input from them.
-        let out = relay::spawn("job-stdout", pipes.stdout, File::from(stdout));
-        let err = relay::spawn("job-stderr", pipes.stderr, File::from(stderr));
-        let stop_input = Arc::new(AtomicBool::new(false));
-        let stdin_switch = Switch::default();
-        stdin_switch.set(Some(Box::new(PipeSink(Some(File::from(pipes.stdin))))));
-        let input = relay::spawn_stoppable(
-            "job-stdin",
-            stdin,
-            stdin_switch.clone(),
-            Arc::clone(&stop_input),
-        );
-
-        if control::send(
-            &mut stream,
-            &Response::Started {
-                home_pid,
-                node: self.me().0,
-            },
-        )
-        .is_err()
-        {
+        let (Ok(out), Ok(err), Ok(deputy)) =
+            (File::from(stdout).try_clone(), File::from(stderr).try_clone(), stream.try_clone())
+        else {
             let _ = job.signal(Signal::SIGKILL);
+            refuse(&mut stream, Refusal::Failed, "cannot duplicate the deputy's descriptors");
+            return;
+        };
+        let home = Arc::new(HomeJob {
+            home_pid,
+            stay_home: req.stay_home,
+            out: Mutex::new(out),
+            err: Mutex::new(err),
+            stdin: Switch::default(),
+            stop_stdin: Arc::new(AtomicBool::new(false)),
+            deputy: Mutex::new(deputy),
+            location: Mutex::new(Location::Moving),
+            finished_epoch: Mutex::new(0),
+            epoch_changed: Condvar::new(),
+            move_result: Mutex::new(None),
+            move_changed: Condvar::new(),
+            done: AtomicBool::new(false),
+        });
+        self.homes.lock().expect("homes lock").insert(home_pid, Arc::clone(&home));
+        info!(home_pid, uid = peer.uid, pid = job.pid(), command = ?command, stay_home = req.stay_home, "job started");
+        let runner = Arc::new(Runner {
+            home_node: self.me().0,
+            home_pid,
+            uid: peer.uid,
+            gid: peer.gid,
+            command,
+            job,
+            stdin: Arc::new(Mutex::new(Some(File::from(pipes.stdin)))),
+            moving: AtomicBool::new(false),
+            outputs: Mutex::new(Vec::new()),
+            epoch: 0,
+        });
+        self.attach_here(&home, &runner, pipes.stdout, pipes.stderr);
+        relay::spawn_stoppable("deputy-stdin", stdin, home.stdin.clone(), Arc::clone(&home.stop_stdin));
+
+        if control::send(&mut stream, &Response::Started { home_pid, node: start_on }).is_err() {
+            let _ = runner.job.signal(Signal::SIGKILL);
         }
-        // Signals from the deputy; its end means the deputy is gone, and so must the job be.
-        let session = stream.try_clone();
-        let watcher_job = Arc::clone(&job);
-        let deputy_gone = Arc::new(AtomicBool::new(false));
-        let gone = Arc::clone(&deputy_gone);
-        if let Ok(mut session) = session {
+        if start_on != self.me().0 {
+            // Started here, moved at once: the simplest way to start elsewhere with everything a move checks.
+            let daemon = Arc::clone(self);
             std::thread::spawn(move || {
-                loop {
-                    match control::recv::<Request>(&mut session) {
-                        Ok(Request::Signal { signo }) => {
-                            if let Ok(sig) = Signal::try_from(signo) {
-                                let _ = watcher_job.signal(sig);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(_) => {
-                            gone.store(true, Ordering::Relaxed);
-                            let _ = watcher_job.signal(Signal::SIGKILL);
-                            break;
-                        }
-                    }
+                if let Err(e) = daemon.move_runner(&runner, start_on) {
+                    warn!(home_pid, to = start_on, error = %e, "could not start the job on its node; it runs at home");
                 }
             });
         }
-
-        let code = job.wait().unwrap_or(255);
-        stop_input.store(true, Ordering::Relaxed);
-        let _ = out.join();
-        let _ = err.join();
-        let _ = input.join();
-        self.jobs.lock().expect("jobs lock").remove(&home_pid);
-        *home.local.lock().expect("job lock") = None;
-        let _ = self
-            .records
-            .update(home_pid, |r| r.state = JobState::Exited { code });
-        info!(
-            home_pid,
-            code,
-            deputy_gone = deputy_gone.load(Ordering::Relaxed),
-            "job ended"
-        );
-        let _ = control::send(&mut stream, &Response::Exited { code });
+        // Signals from the deputy; its end means the deputy is gone, and so must the job be.
+        loop {
+            match control::recv::<Request>(&mut stream) {
+                Ok(Request::Signal { signo }) => home.signal(signo),
+                Ok(_) => {}
+                Err(_) => {
+                    if !home.done.load(Ordering::Relaxed) {
+                        info!(home_pid, "deputy gone; killing its job");
+                        home.signal(Signal::SIGKILL as i32);
+                    }
+                    break;
+                }
+            }
+        }
     }
+
+    /// Makes `runner` (restored or started here) the job's location and relays its output to the deputy.
+    fn attach_here(self: &Arc<Self>, home: &Arc<HomeJob>, runner: &Arc<Runner>, stdout: OwnedFd, stderr: OwnedFd) {
+        let (Ok(out), Ok(err)) = (home.out.lock().expect("out").try_clone(), home.err.lock().expect("err").try_clone())
+        else {
+            warn!(home_pid = home.home_pid, "cannot duplicate the deputy's descriptors");
+            return;
+        };
+        *runner.outputs.lock().expect("outputs") =
+            vec![relay::spawn("job-stdout", stdout, out), relay::spawn("job-stderr", stderr, err)];
+        home.stdin.set(Some(Box::new(SharedPipe(Arc::clone(&runner.stdin)))));
+        *home.location.lock().expect("location") = Location::Here(Arc::clone(runner));
+        self.runners.lock().expect("runners").insert((runner.home_node, runner.home_pid), Arc::clone(runner));
+        let daemon = Arc::clone(self);
+        let runner = Arc::clone(runner);
+        let report = Report::Home(Arc::clone(home));
+        std::thread::spawn(move || daemon.wait_runner(&runner, &report));
+    }
+
+    fn finish_home(&self, home: &HomeJob, response: Response) {
+        if home.done.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        home.stop_stdin.store(true, Ordering::Relaxed);
+        let state = match &response {
+            Response::Exited { code } => JobState::Exited { code: *code },
+            Response::Lost { reason } => JobState::Lost { reason: reason.clone() },
+            _ => JobState::Lost { reason: "unknown".into() },
+        };
+        let _ = self.records.update(home.home_pid, |r| r.state = state);
+        self.homes.lock().expect("homes lock").remove(&home.home_pid);
+        info!(home_pid = home.home_pid, ?response, "job ended");
+        let _ = home.out.lock().expect("out").flush();
+        let _ = control::send(&mut home.deputy.lock().expect("deputy"), &response);
+        // Wake a `migrate` waiting on this job.
+        self.set_move_result(home, Err(MoveError::new(Refusal::NoSuchJob, "the job ended")));
+    }
+
+    /// The home record follows the job.
+    fn note_moved(&self, home_pid: i32, node: u32, pid: i32) {
+        let _ = self.records.update(home_pid, |r| {
+            r.node = NodeId(node);
+            r.node_pid = pid;
+            r.migrations += 1;
+            r.state = JobState::Running;
+        });
+    }
+
+    fn set_move_result(&self, home: &HomeJob, result: Result<u32, MoveError>) {
+        let mut slot = home.move_result.lock().expect("move result");
+        if slot.is_none() {
+            *slot = Some(result);
+        }
+        home.move_changed.notify_all();
+    }
+
+    fn best_node(&self, exclude: Option<u32>) -> u32 {
+        let socket = std::env::var_os(query::SOCKET_ENV)
+            .map_or_else(|| self.settings.config.infod.socket.clone(), PathBuf::from);
+        match query::ask(&socket, &query::Request::Best { mem_bytes: 0 }) {
+            Ok(query::Response::Best { node }) if Some(node) != exclude => node,
+            _ => self.me().0,
+        }
+    }
+
+    fn migrate(self: &Arc<Self>, peer: Peer, home_pid: i32, target: Target) -> Result<Response, MoveError> {
+        let record = self
+            .records
+            .get(home_pid)
+            .filter(|r| !r.state.has_ended())
+            .ok_or_else(|| MoveError::new(Refusal::NoSuchJob, format!("no running job with home PID {home_pid} on this node")))?;
+        if peer.uid != 0 && peer.uid != record.uid {
+            return Err(MoveError::new(Refusal::NotYours, format!("job {home_pid} belongs to uid {}", record.uid)));
+        }
+        let home = self
+            .homes
+            .lock()
+            .expect("homes lock")
+            .get(&home_pid)
+            .cloned()
+            .ok_or_else(|| MoveError::new(Refusal::NoSuchJob, format!("job {home_pid} has no deputy here")))?;
+        if home.stay_home {
+            return Err(MoveError::new(Refusal::StaysHome, format!("job {home_pid} was started to stay home (mosrun -h)")));
+        }
+        let from = record.node.0;
+        let to = match target {
+            Target::Home => self.me().0,
+            Target::Node(n) => n,
+            Target::Balance => self.best_node(Some(from)),
+        };
+        if self.settings.map.get(NodeId(to)).is_none() {
+            return Err(MoveError::new(Refusal::NoSuchNode, format!("node {to} is not in the cluster map")));
+        }
+        if to == from {
+            return Err(MoveError::new(Refusal::Failed, format!("job {home_pid} already runs on node {to}")));
+        }
+        let started = Instant::now();
+        *home.move_result.lock().expect("move result") = None;
+        let location = match &*home.location.lock().expect("location") {
+            Location::Here(runner) => Ok(Arc::clone(runner)),
+            Location::Away { link, .. } => Err(Arc::clone(link)),
+            Location::Moving => return Err(MoveError::new(Refusal::Busy, format!("job {home_pid} is moving already"))),
+        };
+        match location {
+            Ok(runner) => {
+                self.move_runner(&runner, to)?;
+            }
+            Err(link) => {
+                link.lock()
+                    .expect("link")
+                    .send_json(protocol::MIGRATE, &to)
+                    .map_err(|e| MoveError::new(Refusal::TargetDown, format!("node {from} unreachable: {e}")))?;
+            }
+        }
+        // Wait until the job runs at its destination (or the move failed and it runs on where it was).
+        let mut slot = home.move_result.lock().expect("move result");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while slot.is_none() && Instant::now() < deadline {
+            slot = home.move_changed.wait_timeout(slot, Duration::from_millis(200)).expect("move result").0;
+        }
+        let result = slot.take().unwrap_or_else(|| Err(MoveError::new(Refusal::Failed, "the move timed out")));
+        drop(slot);
+        let to = result?;
+        Ok(Response::Moved { home_pid, from, to, seconds: started.elapsed().as_secs_f64() })
+    }
+
+    // ---- moving a job that runs here -------------------------------------------------------------------
+
+    /// Moves a job running on this node to node `to`. On success the copy here is gone and its output has
+    /// been relayed to the end; on failure the job runs on here.
+    fn move_runner(self: &Arc<Self>, runner: &Arc<Runner>, to: u32) -> Result<(), MoveError> {
+        let started = Instant::now();
+        let home_pid = runner.home_pid;
+        let dest = self
+            .settings
+            .map
+            .get(NodeId(to))
+            .ok_or_else(|| MoveError::new(Refusal::NoSuchNode, format!("node {to} is not in the cluster map")))?;
+        let failed = |why, e: &dyn std::fmt::Display| MoveError::new(why, format!("{e}"));
+        let images = ImageDir::create(&self.store).map_err(|e| failed(Refusal::Failed, &e))?;
+        let frozen = runner.job.dump(&self.criu, &images, &Placement::default()).map_err(|e| match e {
+            JobError::NotMigratable { .. } => failed(Refusal::NotMigratable, &e),
+            e => failed(Refusal::Failed, &e),
+        })?;
+        let image_bytes = images.total_size().map_err(|e| failed(Refusal::Failed, &e))?;
+        let stream = TcpStream::connect_timeout(&SocketAddr::from((dest.addr, self.settings.config.migd.port)), Duration::from_secs(5))
+            .map_err(|e| failed(Refusal::TargetDown, &format!("cannot reach node {to}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let mut link = Channel::client_tcp(stream, &self.settings.key, self.me().0)
+            .map_err(|e| failed(Refusal::TargetDown, &format!("node {to}: {e}")))?;
+        let offer = Offer {
+            home_node: runner.home_node,
+            home_pid,
+            uid: runner.uid,
+            gid: runner.gid,
+            command: runner.command.clone(),
+            image_bytes,
+            epoch: runner.epoch + 1,
+        };
+        let net = |e: crate::channel::ChannelError| failed(Refusal::TargetDown, &format!("node {to}: {e}"));
+        link.send_json(protocol::OFFER, &offer).map_err(net)?;
+        let (_, verdict): (u8, Verdict) = link.recv_json().map_err(net)?;
+        if !verdict.ok {
+            return Err(MoveError::new(verdict.refusal.unwrap_or(Refusal::Failed), verdict.message));
+        }
+        link.send(protocol::IMAGES, &[]).map_err(net)?;
+        let key = *link.bulk_key();
+        let raw = link.raw_mut().map_err(net)?;
+        transfer::pack(images.path(), raw, &key).map_err(|e| failed(Refusal::Failed, &e))?;
+        let (_, verdict): (u8, Verdict) = link.recv_json().map_err(net)?;
+        if !verdict.ok {
+            return Err(MoveError::new(verdict.refusal.unwrap_or(Refusal::Failed), verdict.message));
+        }
+        // The destination holds a stopped copy: end ours, then let it run.
+        runner.moving.store(true, Ordering::Relaxed);
+        frozen.commit().map_err(|e| failed(Refusal::Failed, &e))?;
+        let committed = link.send(protocol::COMMITTED, &[]);
+        drop(images);
+        // What the old copy wrote before the freeze is still in its pipes: relay it to the end first.
+        for relay in runner.outputs.lock().expect("outputs").drain(..) {
+            let _ = relay.join();
+        }
+        *runner.stdin.lock().expect("stdin") = None;
+        self.runners.lock().expect("runners").remove(&(runner.home_node, home_pid));
+        info!(home_pid, to, pid = verdict.pid, seconds = started.elapsed().as_secs_f64(), "job moved");
+        if let Err(e) = committed {
+            warn!(home_pid, to, error = %e, "node {to} did not hear the commit; the job may stay stopped there");
+        }
+        if runner.home_node == self.me().0
+            && let Some(home) = self.homes.lock().expect("homes lock").get(&home_pid).cloned()
+        {
+            *home.location.lock().expect("location") = Location::Moving;
+            home.stdin.set(None);
+            let mut done = home.finished_epoch.lock().expect("epoch");
+            *done = runner.epoch + 1;
+            home.epoch_changed.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Waits for a job running here to end and reports its status, unless it ended because it moved.
+    fn wait_runner(&self, runner: &Runner, report: &Report) {
+        let code = runner.job.wait().unwrap_or(255);
+        if runner.moving.load(Ordering::Relaxed) {
+            return;
+        }
+        for relay in runner.outputs.lock().expect("outputs").drain(..) {
+            let _ = relay.join();
+        }
+        self.runners.lock().expect("runners").remove(&(runner.home_node, runner.home_pid));
+        match report {
+            Report::Home(home) => self.finish_home(home, Response::Exited { code }),
+            Report::Link(link) => {
+                let _ = link.lock().expect("link").send_json(protocol::EXIT, &code);
+            }
+        }
+    }
+
+    // ---- the network side -------------------------------------------------------------------------------
+
+    fn serve_peer(self: Arc<Self>, stream: TcpStream) {
+        let Ok(addr) = stream.peer_addr() else { return };
+        let _ = stream.set_nodelay(true);
+        let mut link = match Channel::server_tcp(stream, &self.settings.key, self.me().0) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(%addr, error = %e, "peer failed authentication; dropped");
+                return;
+            }
+        };
+        let node = link.peer_node();
+        if self.settings.map.get(NodeId(node)).is_none_or(|n| std::net::IpAddr::V4(n.addr) != addr.ip()) {
+            warn!(%addr, node, "peer claims a node id that is not its map address; dropped");
+            return;
+        }
+        match link.recv() {
+            Ok((protocol::OFFER, payload)) => match serde_json::from_slice::<Offer>(&payload) {
+                Ok(offer) => self.receive_job(link, node, offer),
+                Err(e) => warn!(%addr, error = %e, "bad offer"),
+            },
+            Ok((protocol::ATTACH, payload)) => match serde_json::from_slice::<Attach>(&payload) {
+                Ok(attach) => self.serve_link(link, node, &attach),
+                Err(e) => warn!(%addr, error = %e, "bad attach"),
+            },
+            Ok((kind, _)) => warn!(%addr, kind, "unexpected first message; dropped"),
+            Err(e) => warn!(%addr, error = %e, "peer went away"),
+        }
+    }
+
+    /// The destination of a move.
+    fn receive_job(self: Arc<Self>, mut link: Channel<TcpStream>, from: u32, offer: Offer) {
+        let home_pid = offer.home_pid;
+        let at_home = offer.home_node == self.me().0;
+        if !at_home && self.settings.config.policy.block_guests {
+            let _ = link.send_json(protocol::VERDICT, &Verdict::no(Refusal::TargetBlocksGuests, format!("node {} blocks guests", self.me())));
+            return;
+        }
+        if at_home && !self.homes.lock().expect("homes lock").contains_key(&home_pid) {
+            let _ = link.send_json(protocol::VERDICT, &Verdict::no(Refusal::NoSuchJob, format!("job {home_pid} has no deputy here")));
+            return;
+        }
+        if link.send_json(protocol::VERDICT, &Verdict::yes(0)).is_err() {
+            return;
+        }
+        let images = match ImageDir::create(&self.store) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e.to_string()));
+                return;
+            }
+        };
+        let key = *link.bulk_key();
+        let received = match link.recv() {
+            Ok((protocol::IMAGES, _)) => match link.raw_mut() {
+                Ok(raw) => transfer::unpack(raw, images.path(), &key).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            Ok((kind, _)) => Err(format!("expected images, got message {kind}")),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = received {
+            warn!(home_pid, from, error = %e, "image transfer failed");
+            let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e));
+            return;
+        }
+        let (job, pipes) = match Job::restore_stopped(&self.criu, &images, Placement::default()) {
+            Ok(j) => j,
+            Err(e) => {
+                warn!(home_pid, from, error = %e, "restore failed");
+                let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e.to_string()));
+                return;
+            }
+        };
+        drop(images);
+        // The job runs with its owner's credentials and no other: check every process before it runs.
+        if let Err(e) = check_owner(job.pid(), offer.uid) {
+            warn!(home_pid, from, error = %e, "restored job has the wrong owner; killed");
+            let _ = job.signal(Signal::SIGKILL);
+            let _ = job.wait();
+            let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e));
+            return;
+        }
+        if link.send_json(protocol::RUNNING, &Verdict::yes(job.pid())).is_err()
+            || !matches!(link.recv(), Ok((protocol::COMMITTED, _)))
+        {
+            // The source never let its copy go: it runs on there, so this one must not.
+            warn!(home_pid, from, "no commit from the source; dropping the restored copy");
+            let _ = job.signal(Signal::SIGKILL);
+            let _ = job.wait();
+            return;
+        }
+        let runner = Arc::new(Runner {
+            home_node: offer.home_node,
+            home_pid,
+            uid: offer.uid,
+            gid: offer.gid,
+            command: offer.command.clone(),
+            job: Arc::new(job),
+            stdin: Arc::new(Mutex::new(Some(File::from(pipes.stdin)))),
+            moving: AtomicBool::new(false),
+            outputs: Mutex::new(Vec::new()),
+            epoch: offer.epoch,
+        });
+        if at_home {
+            self.note_moved(home_pid, self.me().0, runner.job.pid());
+            let Some(home) = self.homes.lock().expect("homes lock").get(&home_pid).cloned() else {
+                let _ = runner.job.signal(Signal::SIGKILL);
+                return;
+            };
+            home.wait_epoch(offer.epoch);
+            self.attach_here(&home, &runner, pipes.stdout, pipes.stderr);
+            runner.job.resume();
+            self.set_move_result(&home, Ok(self.me().0));
+            info!(home_pid, from, "job is home again");
+        } else if let Err(e) = self.run_guest(&runner, pipes.stdout, pipes.stderr) {
+            warn!(home_pid, error = %e, "cannot link the job to its home; killed");
+            let _ = runner.job.signal(Signal::SIGKILL);
+        }
+    }
+
+    /// Runs a guest job: links it to its home node and serves the link.
+    fn run_guest(self: &Arc<Self>, runner: &Arc<Runner>, stdout: OwnedFd, stderr: OwnedFd) -> Result<(), String> {
+        let home = self.settings.map.get(NodeId(runner.home_node)).ok_or("home node not in the map")?;
+        let stream = TcpStream::connect_timeout(&SocketAddr::from((home.addr, self.settings.config.migd.port)), Duration::from_secs(5))
+            .map_err(|e| format!("cannot reach home node {}: {e}", runner.home_node))?;
+        let _ = stream.set_nodelay(true);
+        let link = Channel::client_tcp(stream, &self.settings.key, self.me().0).map_err(|e| e.to_string())?;
+        let (mut reader, mut writer) = link.into_split().map_err(|e| e.to_string())?;
+        writer
+            .send_json(protocol::ATTACH, &Attach { home_pid: runner.home_pid, pid: runner.job.pid(), epoch: runner.epoch })
+            .map_err(|e| e.to_string())?;
+        let writer: SharedWriter = Arc::new(Mutex::new(writer));
+        *runner.outputs.lock().expect("outputs") = vec![
+            relay::spawn("guest-stdout", stdout, FrameSink { writer: Arc::clone(&writer), kind: protocol::STDOUT, eof_kind: None }),
+            relay::spawn("guest-stderr", stderr, FrameSink { writer: Arc::clone(&writer), kind: protocol::STDERR, eof_kind: None }),
+        ];
+        self.runners.lock().expect("runners").insert((runner.home_node, runner.home_pid), Arc::clone(runner));
+        {
+            let daemon = Arc::clone(self);
+            let runner = Arc::clone(runner);
+            let report = Report::Link(Arc::clone(&writer));
+            std::thread::spawn(move || daemon.wait_runner(&runner, &report));
+        }
+        runner.job.resume();
+        info!(home_pid = runner.home_pid, home = runner.home_node, pid = runner.job.pid(), "guest job running");
+        // Orders from home.
+        let daemon = Arc::clone(self);
+        let runner = Arc::clone(runner);
+        std::thread::spawn(move || {
+            loop {
+                match reader.recv() {
+                    Ok((protocol::STDIN, data)) => {
+                        if let Some(f) = runner.stdin.lock().expect("stdin").as_mut() {
+                            let _ = f.write_all(&data);
+                        }
+                    }
+                    Ok((protocol::STDIN_EOF, _)) => *runner.stdin.lock().expect("stdin") = None,
+                    Ok((protocol::SIGNAL, data)) => {
+                        if let Ok(sig) = serde_json::from_slice::<i32>(&data).map(Signal::try_from) {
+                            if let Ok(sig) = sig {
+                                let _ = runner.job.signal(sig);
+                            }
+                        }
+                    }
+                    Ok((protocol::KILL, _)) => {
+                        let _ = runner.job.signal(Signal::SIGKILL);
+                    }
+                    Ok((protocol::MIGRATE, data)) => {
+                        let Ok(to) = serde_json::from_slice::<u32>(&data) else { continue };
+                        let started = Instant::now();
+                        match daemon.move_runner(&runner, to) {
+                            Ok(()) => {
+                                let mut w = writer.lock().expect("link");
+                                let _ = w.send_json(protocol::MOVED, &Moved { to, seconds: started.elapsed().as_secs_f64() });
+                                let _ = w.shutdown();
+                                return;
+                            }
+                            Err(e) => {
+                                let _ = writer.lock().expect("link").send_json(protocol::MOVE_FAILED, &(e.why, e.message));
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        // Home is gone: nobody can see this job's output or wait for it.
+                        if !runner.moving.load(Ordering::Relaxed) {
+                            warn!(home_pid = runner.home_pid, "lost the link to the home node; killing the guest job");
+                            let _ = runner.job.signal(Signal::SIGKILL);
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Home side of a job link: the job runs on node `node`.
+    fn serve_link(self: Arc<Self>, link: Channel<TcpStream>, node: u32, attach: &Attach) {
+        let Some(home) = self.homes.lock().expect("homes lock").get(&attach.home_pid).cloned() else {
+            warn!(home_pid = attach.home_pid, node, "link for a job with no deputy here; dropped");
+            return;
+        };
+        let Ok((mut reader, writer)) = link.into_split() else { return };
+        let writer: SharedWriter = Arc::new(Mutex::new(writer));
+        home.wait_epoch(attach.epoch);
+        *home.location.lock().expect("location") = Location::Away { link: Arc::clone(&writer) };
+        home.stdin.set(Some(Box::new(FrameSink { writer: Arc::clone(&writer), kind: protocol::STDIN, eof_kind: Some(protocol::STDIN_EOF) })));
+        self.note_moved(attach.home_pid, node, attach.pid);
+        self.set_move_result(&home, Ok(node));
+        info!(home_pid = attach.home_pid, node, pid = attach.pid, "job runs away from home");
+        loop {
+            match reader.recv() {
+                Ok((protocol::STDOUT, data)) => {
+                    let _ = home.out.lock().expect("out").write_all(&data);
+                }
+                Ok((protocol::STDERR, data)) => {
+                    let _ = home.err.lock().expect("err").write_all(&data);
+                }
+                Ok((protocol::EXIT, data)) => {
+                    let code = serde_json::from_slice::<i32>(&data).unwrap_or(255);
+                    self.finish_home(&home, Response::Exited { code });
+                    return;
+                }
+                Ok((protocol::MOVED, data)) => {
+                    let moved: Option<Moved> = serde_json::from_slice(&data).ok();
+                    info!(home_pid = attach.home_pid, from = node, to = ?moved.map(|m| m.to), "job left node");
+                    *home.location.lock().expect("location") = Location::Moving;
+                    home.stdin.set(None);
+                    let mut done = home.finished_epoch.lock().expect("epoch");
+                    *done = attach.epoch + 1;
+                    home.epoch_changed.notify_all();
+                    return;
+                }
+                Ok((protocol::MOVE_FAILED, data)) => {
+                    let (why, message): (Refusal, String) =
+                        serde_json::from_slice(&data).unwrap_or((Refusal::Failed, "move failed".into()));
+                    self.set_move_result(&home, Err(MoveError::new(why, message)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.finish_home(&home, Response::Lost { reason: format!("node {node} went away: {e}") });
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl HomeJob {
+    /// Forwards a signal to the job wherever it runs.
+    fn signal(&self, signo: i32) {
+        match &*self.location.lock().expect("location") {
+            Location::Here(runner) => {
+                if let Ok(sig) = Signal::try_from(signo) {
+                    let _ = runner.job.signal(sig);
+                }
+            }
+            Location::Away { link, .. } => {
+                let kind = if signo == Signal::SIGKILL as i32 { protocol::KILL } else { protocol::SIGNAL };
+                let _ = link.lock().expect("link").send_json(kind, &signo);
+            }
+            Location::Moving => {}
+        }
+    }
+
+    /// Waits until the job's locations before generation `epoch` have ended, so generation `epoch` may start.
+    fn wait_epoch(&self, epoch: u32) {
+        let mut done = self.finished_epoch.lock().expect("epoch");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while *done < epoch && Instant::now() < deadline {
+            done = self.epoch_changed.wait_timeout(done, Duration::from_millis(200)).expect("epoch").0;
+        }
+    }
+}
+
+/// A job's stdin pipe shared between its runner and the relay feeding it.
+struct SharedPipe(Arc<Mutex<Option<File>>>);
+
+impl Sink for SharedPipe {
+    fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
+        PipeSink(self.0.lock().expect("stdin").as_ref().and_then(|f| f.try_clone().ok())).put(data)
+    }
+
+    fn end(&mut self) -> std::io::Result<()> {
+        *self.0.lock().expect("stdin") = None;
+        Ok(())
+    }
+}
+
+/// Every process of the job runs as `uid`.
+fn check_owner(root: i32, uid: u32) -> Result<(), String> {
+    let pids = migratable::job_processes(root).map_err(|e| e.to_string())?;
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+        let uids: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .map(|v| v.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default();
+        if uids.is_empty() || uids.iter().any(|&u| u != uid) {
+            return Err(format!("process {pid} of the restored job runs as uids {uids:?}, not as its owner {uid}"));
+        }
+    }
+    Ok(())
 }
 
 /// What a `Run` request asks for.
@@ -413,12 +989,6 @@ struct RunRequest {
     stay_home: bool,
 }
 
-impl RunRequest {
-    fn program_lossy(&self) -> String {
-        String::from_utf8_lossy(&self.program).into_owned()
-    }
-}
-
 /// The deputy's identity: its uid, gid and the groups of that user.
 fn credentials(peer: Peer) -> nix::Result<Credentials> {
     let uid = nix::unistd::Uid::from_raw(peer.uid);
@@ -426,16 +996,9 @@ fn credentials(peer: Peer) -> nix::Result<Credentials> {
     let groups = match nix::unistd::User::from_uid(uid)? {
         Some(user) => {
             let name = std::ffi::CString::new(user.name).map_err(|_| nix::errno::Errno::EINVAL)?;
-            nix::unistd::getgrouplist(&name, gid)?
-                .into_iter()
-                .map(nix::unistd::Gid::as_raw)
-                .collect()
+            nix::unistd::getgrouplist(&name, gid)?.into_iter().map(nix::unistd::Gid::as_raw).collect()
         }
         None => vec![peer.gid],
     };
-    Ok(Credentials {
-        uid: peer.uid,
-        gid: peer.gid,
-        groups,
-    })
+    Ok(Credentials { uid: peer.uid, gid: peer.gid, groups })
 }

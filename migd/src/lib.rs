@@ -5,5 +5,6 @@
 
 pub mod channel;
 pub mod daemon;
+pub mod protocol;
 pub mod relay;
 pub mod records;

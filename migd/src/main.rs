@@ -58,6 +58,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    daemon.serve_control()?;
+    daemon.serve()?;
     Ok(())
 }

@@ -145,3 +145,59 @@ fn a_job_runs_as_its_owner_and_others_cannot_move_it() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Reads a child's stdout lines on a thread; returns the shared list.
+fn collect(child: &mut std::process::Child) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let sink = std::sync::Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(out) {
+            sink.lock().unwrap().push(line.unwrap());
+        }
+    });
+    lines
+}
+
+fn wait_lines(lines: &std::sync::Mutex<Vec<String>>, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines.lock().unwrap().len() < n {
+        assert!(Instant::now() < deadline, "the job stopped printing at {} lines", lines.lock().unwrap().len());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn migrate(c: &Cluster, pid: u32, target: &str) -> String {
+    let out = c.command(1, "migrate").unwrap().args([pid.to_string().as_str(), target]).output().unwrap();
+    assert!(out.status.success(), "migrate {pid} {target}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_job_moves_to_node_2_then_3_then_home_and_its_output_is_whole() {
+    let c = cluster("mmove", 3);
+    let args = ["spin", "500", "2000000"];
+    let mut child = mosrun(&c, 1).arg(job()).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let lines = collect(&mut child);
+    wait_lines(&lines, 20);
+    let said = migrate(&c, pid, "2");
+    assert!(said.starts_with(&format!("moved {pid} from node 1 to node 2 in ")), "{said}");
+    assert_eq!(running(&c, 1, "rmx-job").len(), 0, "no copy left at home");
+    assert_eq!(running(&c, 2, "rmx-job").len(), 1, "one copy on node 2");
+    let n = lines.lock().unwrap().len();
+    wait_lines(&lines, n + 20);
+    let said = migrate(&c, pid, "3");
+    assert!(said.starts_with(&format!("moved {pid} from node 2 to node 3 in ")), "{said}");
+    assert_eq!(running(&c, 2, "rmx-job").len(), 0);
+    assert_eq!(running(&c, 3, "rmx-job").len(), 1);
+    let n = lines.lock().unwrap().len();
+    wait_lines(&lines, n + 20);
+    let said = migrate(&c, pid, "home");
+    assert!(said.starts_with(&format!("moved {pid} from node 3 to node 1 in ")), "{said}");
+    assert_eq!(running(&c, 3, "rmx-job").len(), 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lines.lock().unwrap().join("\n") + "\n", reference(&args));
+}
