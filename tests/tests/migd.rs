@@ -201,3 +201,98 @@ fn a_job_moves_to_node_2_then_3_then_home_and_its_output_is_whole() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(lines.lock().unwrap().join("\n") + "\n", reference(&args));
 }
+
+#[test]
+fn a_moved_job_keeps_writing_to_the_deputys_file_and_reading_its_stdin() {
+    let c = cluster("mio", 2);
+    // stdout redirected to a file at home.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let args = ["spin", "300", "2000000"];
+    let mut child = mosrun(&c, 1).arg(job()).args(args).stdout(file.reopen().unwrap()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(file.path()).unwrap().lines().count() < 20 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    migrate(&c, child.id(), "2");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(std::fs::read_to_string(file.path()).unwrap(), reference(&args));
+
+    // stdin read after the move.
+    let mut child = mosrun(&c, 1).arg(job()).arg("echo").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let lines = collect(&mut child);
+    stdin.write_all(b"before the move\n").unwrap();
+    wait_lines(&lines, 1);
+    migrate(&c, child.id(), "2");
+    for i in 0..1000 {
+        writeln!(stdin, "after the move {i}").unwrap();
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(200));
+    let got = lines.lock().unwrap().clone();
+    assert_eq!(got.len(), 1002, "{:?}", &got[got.len().saturating_sub(3)..]);
+    assert_eq!(got[0], "echo before the move");
+    assert_eq!(got[1000], "echo after the move 999");
+    assert!(got[1001].starts_with("done "));
+}
+
+#[test]
+fn signals_reach_a_job_on_another_node_and_a_dead_deputy_takes_it_along() {
+    let c = cluster("msig2", 2);
+    let mut child = mosrun(&c, 1).arg(job()).args(["spin", "100000", "2000000"]).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = collect(&mut child);
+    wait_lines(&lines, 3);
+    migrate(&c, child.id(), "2");
+    assert_eq!(running(&c, 2, "rmx-job").len(), 1);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert!(running(&c, 2, "rmx-job").is_empty());
+
+    let mut child = mosrun(&c, 1).arg(job()).args(["spin", "100000", "2000000"]).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = collect(&mut child);
+    wait_lines(&lines, 3);
+    migrate(&c, child.id(), "2");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !running(&c, 2, "rmx-job").is_empty() {
+        assert!(Instant::now() < deadline, "the remote job outlived its deputy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_ordinary_shell_pipeline_moves_and_finishes() {
+    let c = cluster("mshell", 2);
+    let script = "i=0; while [ $i -lt 150 ]; do echo line $i; i=$((i+1)); sleep 0.02; done | cat -n";
+    let mut child = mosrun(&c, 1).args(["sh", "-c", script]).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = collect(&mut child);
+    wait_lines(&lines, 30);
+    migrate(&c, child.id(), "2");
+    assert!(child.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(200));
+    let expected: Vec<String> = (0..150).map(|i| format!("{:>6}\tline {i}", i + 1)).collect();
+    assert_eq!(*lines.lock().unwrap(), expected);
+}
+
+#[test]
+fn a_forged_migration_connection_is_refused() {
+    use rmosix_common::key::ClusterKey;
+    let c = cluster("mforge", 2);
+    let wrong = ClusterKey::from_bytes(b"this is not the cluster key at all");
+    let ns = std::fs::File::open(std::path::Path::new("/run/netns").join(c.netns(2))).unwrap();
+    let err = std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let stream = std::net::TcpStream::connect(("10.213.0.1", rmosix_testcluster::MIGD_PORT)).unwrap();
+        rmosix_migd::channel::blocking::Channel::client_tcp(stream, &wrong, 2).unwrap_err()
+    })
+    .join()
+    .unwrap();
+    assert!(err.to_string().contains("cluster key"), "{err}");
+    std::thread::sleep(Duration::from_millis(200));
+    let log = std::fs::read_to_string(c.node_dir(1).join("migd.log")).unwrap();
+    assert!(log.contains("peer failed authentication; dropped"), "{log}");
+}
