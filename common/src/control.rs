@@ -114,7 +114,7 @@ pub enum Response {
     /// The job was lost (its node went down).
     Lost { reason: String },
     /// A migration finished.
-    Moved { home_pid: i32, from: u32, to: u32, seconds: f64 },
+    Moved { home_pid: i32, from: u32, to: u32, seconds: f64, frozen: f64 },
     /// A request was refused.
     Refused { why: Refusal, message: String },
 }

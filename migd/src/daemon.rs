@@ -153,6 +153,8 @@ struct HomeJob {
     /// Outcome of the move in progress, for the `migrate` that asked.
     move_result: Mutex<Option<Result<u32, MoveError>>>,
     move_changed: Condvar,
+    /// Seconds the job was frozen during its last move.
+    frozen: Mutex<f64>,
     done: AtomicBool,
 }
 
@@ -404,6 +406,7 @@ impl Daemon {
             epoch_changed: Condvar::new(),
             move_result: Mutex::new(None),
             move_changed: Condvar::new(),
+            frozen: Mutex::new(0.0),
             done: AtomicBool::new(false),
         });
         self.homes.lock().expect("homes lock").insert(home_pid, Arc::clone(&home));
@@ -573,14 +576,15 @@ impl Daemon {
         let result = slot.take().unwrap_or_else(|| Err(MoveError::new(Refusal::Failed, "the move timed out")));
         drop(slot);
         let to = result?;
-        Ok(Response::Moved { home_pid, from, to, seconds: started.elapsed().as_secs_f64() })
+        let frozen = *home.frozen.lock().expect("frozen");
+        Ok(Response::Moved { home_pid, from, to, seconds: started.elapsed().as_secs_f64(), frozen })
     }
 
     // ---- moving a job that runs here -------------------------------------------------------------------
 
     /// Moves a job running on this node to node `to`. On success the copy here is gone and its output has
     /// been relayed to the end; on failure the job runs on here.
-    fn move_runner(self: &Arc<Self>, runner: &Arc<Runner>, to: u32) -> Result<(), MoveError> {
+    fn move_runner(self: &Arc<Self>, runner: &Arc<Runner>, to: u32) -> Result<Duration, MoveError> {
         let started = Instant::now();
         let home_pid = runner.home_pid;
         let dest = self
@@ -590,6 +594,7 @@ impl Daemon {
             .ok_or_else(|| MoveError::new(Refusal::NoSuchNode, format!("node {to} is not in the cluster map")))?;
         let failed = |why, e: &dyn std::fmt::Display| MoveError::new(why, format!("{e}"));
         let images = ImageDir::create(&self.store).map_err(|e| failed(Refusal::Failed, &e))?;
+        let freeze_start = Instant::now();
         let frozen = runner.job.dump(&self.criu, &images, &Placement::default()).map_err(|e| match e {
             JobError::NotMigratable { .. } => failed(Refusal::NotMigratable, &e),
             e => failed(Refusal::Failed, &e),
@@ -627,6 +632,7 @@ impl Daemon {
         runner.moving.store(true, Ordering::Relaxed);
         frozen.commit().map_err(|e| failed(Refusal::Failed, &e))?;
         let committed = link.send(protocol::COMMITTED, &[]);
+        let freeze = freeze_start.elapsed();
         drop(images);
         // What the old copy wrote before the freeze is still in its pipes: relay it to the end first.
         for relay in runner.outputs.lock().expect("outputs").drain(..) {
@@ -634,7 +640,7 @@ impl Daemon {
         }
         *runner.stdin.lock().expect("stdin") = None;
         self.runners.lock().expect("runners").remove(&(runner.home_node, home_pid));
-        info!(home_pid, to, pid = verdict.pid, seconds = started.elapsed().as_secs_f64(), "job moved");
+        info!(home_pid, to, pid = verdict.pid, seconds = started.elapsed().as_secs_f64(), frozen = freeze.as_secs_f64(), "job moved");
         if let Err(e) = committed {
             warn!(home_pid, to, error = %e, "node {to} did not hear the commit; the job may stay stopped there");
         }
@@ -642,12 +648,13 @@ impl Daemon {
             && let Some(home) = self.homes.lock().expect("homes lock").get(&home_pid).cloned()
         {
             *home.location.lock().expect("location") = Location::Moving;
+            *home.frozen.lock().expect("frozen") = freeze.as_secs_f64();
             home.stdin.set(None);
             let mut done = home.finished_epoch.lock().expect("epoch");
             *done = runner.epoch + 1;
             home.epoch_changed.notify_all();
         }
-        Ok(())
+        Ok(freeze)
     }
 
     /// Waits for a job running here to end and reports its status, unless it ended because it moved.
@@ -841,9 +848,10 @@ impl Daemon {
                         let Ok(to) = serde_json::from_slice::<u32>(&data) else { continue };
                         let started = Instant::now();
                         match daemon.move_runner(&runner, to) {
-                            Ok(()) => {
+                            Ok(frozen) => {
                                 let mut w = writer.lock().expect("link");
-                                let _ = w.send_json(protocol::MOVED, &Moved { to, seconds: started.elapsed().as_secs_f64() });
+                                let moved = Moved { to, seconds: started.elapsed().as_secs_f64(), frozen: frozen.as_secs_f64() };
+                                let _ = w.send_json(protocol::MOVED, &moved);
                                 let _ = w.shutdown();
                                 return;
                             }
@@ -896,6 +904,9 @@ impl Daemon {
                 }
                 Ok((protocol::MOVED, data)) => {
                     let moved: Option<Moved> = serde_json::from_slice(&data).ok();
+                    if let Some(m) = &moved {
+                        *home.frozen.lock().expect("frozen") = m.frozen;
+                    }
                     info!(home_pid = attach.home_pid, from = node, to = ?moved.map(|m| m.to), "job left node");
                     *home.location.lock().expect("location") = Location::Moving;
                     home.stdin.set(None);

@@ -103,4 +103,6 @@ pub struct Attach {
 pub struct Moved {
     pub to: u32,
     pub seconds: f64,
+    /// Seconds the job was stopped: from the start of the dump until the destination could run it.
+    pub frozen: f64,
 }

@@ -40,7 +40,7 @@ pub struct CheckpointBenchArgs {
 }
 
 /// The baseline's images: plain tmpfs, what a hand-made script would use.
-const PLAIN_TMPFS: &str = "/dev/shm/rmosix-bench";
+pub(crate) const PLAIN_TMPFS: &str = "/dev/shm/rmosix-bench";
 const STEPS: &str = "600";
 const WORK: &str = "300000";
 
@@ -53,9 +53,9 @@ struct Ours {
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-struct Baseline {
-    dump: Duration,
-    restore: Duration,
+pub(crate) struct Baseline {
+    pub(crate) dump: Duration,
+    pub(crate) restore: Duration,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -178,17 +178,17 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn job_args(size: u64) -> Vec<String> {
+pub(crate) fn job_args(size: u64) -> Vec<String> {
     vec!["mem".into(), size.to_string(), STEPS.into(), WORK.into()]
 }
 
-fn reference_output(bins: &Path, size: u64) -> anyhow::Result<Vec<String>> {
+pub(crate) fn reference_output(bins: &Path, size: u64) -> anyhow::Result<Vec<String>> {
     let out = Command::new(bins.join("rmx-job")).args(job_args(size)).output().context("cannot run rmx-job")?;
     ensure!(out.status.success(), "rmx-job failed: {}", out.status);
     Ok(String::from_utf8(out.stdout)?.lines().map(str::to_owned).collect())
 }
 
-fn baseline(criu: &Path, bins: &Path, size: u64, base: &Path) -> anyhow::Result<Baseline> {
+pub(crate) fn baseline(criu: &Path, bins: &Path, size: u64, base: &Path) -> anyhow::Result<Baseline> {
     let images = ImageDir::create(base)?;
     let out_path = images.path().join("job.out");
     let out = File::create(&out_path)?;

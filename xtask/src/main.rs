@@ -6,6 +6,7 @@
 mod bench_checkpoint;
 mod bench_gossip;
 mod bench_infod;
+mod bench_migrate;
 mod benchmarks;
 mod criu;
 mod demo;
@@ -92,6 +93,8 @@ enum Bench {
     Infod(bench_infod::InfodBenchArgs),
     /// Freeze time of a job moved between two nodes, beside CLI criu dump + restore.
     Checkpoint(bench_checkpoint::CheckpointBenchArgs),
+    /// `migrate` between two nodes of a local cluster, beside CLI criu dump + restore.
+    Migrate(bench_migrate::MigrateBenchArgs),
 }
 
 /// Options of `cargo xtask bench gossip`.
@@ -171,6 +174,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { bench: Bench::Gossip(args) } => bench_gossip::run(&args),
         Cmd::Bench { bench: Bench::Infod(args) } => bench_infod::run(&args),
         Cmd::Bench { bench: Bench::Checkpoint(args) } => bench_checkpoint::run(&args),
+        Cmd::Bench { bench: Bench::Migrate(args) } => bench_migrate::run(&args),
     }
 }
 

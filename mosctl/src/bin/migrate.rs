@@ -57,8 +57,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot reach migd at {} (is migd running?)", socket.display()))?;
     control::send(&mut stream, &Request::Migrate { home_pid: args.pid, target })?;
     match control::recv::<Response>(&mut stream).context("migd did not answer")? {
-        Response::Moved { home_pid, from, to, seconds } => {
-            println!("moved {home_pid} from node {from} to node {to} in {seconds:.2} s");
+        Response::Moved { home_pid, from, to, seconds, frozen } => {
+            println!("moved {home_pid} from node {from} to node {to} in {seconds:.2} s (frozen {frozen:.3} s)");
             Ok(())
         }
         Response::Refused { why, message } => anyhow::bail!("cannot move {} ({why:?}): {message}", args.pid),
