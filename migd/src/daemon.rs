@@ -122,7 +122,7 @@ struct Runner {
 
 impl std::fmt::Debug for Runner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runner").field("home_pid", &self.home_pid).field("pid", &self.job.pid()).finish()
+        f.debug_struct("Runner").field("home_pid", &self.home_pid).field("pid", &self.job.pid()).finish_non_exhaustive()
     }
 }
 
@@ -160,7 +160,7 @@ struct HomeJob {
 
 impl std::fmt::Debug for HomeJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HomeJob").field("home_pid", &self.home_pid).finish()
+        f.debug_struct("HomeJob").field("home_pid", &self.home_pid).finish_non_exhaustive()
     }
 }
 
@@ -318,6 +318,8 @@ impl Daemon {
 
     // ---- the home side: deputies -------------------------------------------------------------------------
 
+    #[expect(clippy::too_many_lines, reason = "the life of a deputy session, start to end, in order")]
+    #[expect(clippy::needless_pass_by_value, reason = "the session owns its connection and request")]
     fn run(self: &Arc<Self>, mut stream: UnixStream, peer: Peer, req: RunRequest, fds: Vec<OwnedFd>) {
         let Ok([stdin, stdout, stderr]) = <[OwnedFd; 3]>::try_from(fds) else {
             refuse(&mut stream, Refusal::BadRequest, "a run request must carry stdin, stdout and stderr");
@@ -472,6 +474,7 @@ impl Daemon {
         std::thread::spawn(move || daemon.wait_runner(&runner, &report));
     }
 
+    #[expect(clippy::needless_pass_by_value, reason = "the response is the job's last word")]
     fn finish_home(&self, home: &HomeJob, response: Response) {
         if home.done.swap(true, Ordering::Relaxed) {
             return;
@@ -488,7 +491,7 @@ impl Daemon {
         let _ = home.out.lock().expect("out").flush();
         let _ = control::send(&mut home.deputy.lock().expect("deputy"), &response);
         // Wake a `migrate` waiting on this job.
-        self.set_move_result(home, Err(MoveError::new(Refusal::NoSuchJob, "the job ended")));
+        Self::set_move_result(home, Err(MoveError::new(Refusal::NoSuchJob, "the job ended")));
     }
 
     /// The home record follows the job.
@@ -501,7 +504,7 @@ impl Daemon {
         });
     }
 
-    fn set_move_result(&self, home: &HomeJob, result: Result<u32, MoveError>) {
+    fn set_move_result(home: &HomeJob, result: Result<u32, MoveError>) {
         let mut slot = home.move_result.lock().expect("move result");
         if slot.is_none() {
             *slot = Some(result);
@@ -569,7 +572,7 @@ impl Daemon {
         }
         // Wait until the job runs at its destination (or the move failed and it runs on where it was).
         let mut slot = home.move_result.lock().expect("move result");
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let deadline = Instant::now() + Duration::from_mins(10);
         while slot.is_none() && Instant::now() < deadline {
             slot = home.move_changed.wait_timeout(slot, Duration::from_millis(200)).expect("move result").0;
         }
@@ -707,6 +710,7 @@ impl Daemon {
     }
 
     /// The destination of a move.
+    #[expect(clippy::needless_pass_by_value, reason = "the offer is consumed by the move it starts")]
     fn receive_job(self: Arc<Self>, mut link: Channel<TcpStream>, from: u32, offer: Offer) {
         let home_pid = offer.home_pid;
         let at_home = offer.home_node == self.me().0;
@@ -789,7 +793,7 @@ impl Daemon {
             home.wait_epoch(offer.epoch);
             self.attach_here(&home, &runner, pipes.stdout, pipes.stderr);
             runner.job.resume();
-            self.set_move_result(&home, Ok(self.me().0));
+            Self::set_move_result(&home, Ok(self.me().0));
             info!(home_pid, from, "job is home again");
         } else if let Err(e) = self.run_guest(&runner, pipes.stdout, pipes.stderr) {
             warn!(home_pid, error = %e, "cannot link the job to its home; killed");
@@ -835,10 +839,8 @@ impl Daemon {
                     }
                     Ok((protocol::STDIN_EOF, _)) => *runner.stdin.lock().expect("stdin") = None,
                     Ok((protocol::SIGNAL, data)) => {
-                        if let Ok(sig) = serde_json::from_slice::<i32>(&data).map(Signal::try_from) {
-                            if let Ok(sig) = sig {
-                                let _ = runner.job.signal(sig);
-                            }
+                        if let Ok(Ok(sig)) = serde_json::from_slice::<i32>(&data).map(Signal::try_from) {
+                            let _ = runner.job.signal(sig);
                         }
                     }
                     Ok((protocol::KILL, _)) => {
@@ -887,7 +889,7 @@ impl Daemon {
         *home.location.lock().expect("location") = Location::Away { link: Arc::clone(&writer) };
         home.stdin.set(Some(Box::new(FrameSink { writer: Arc::clone(&writer), kind: protocol::STDIN, eof_kind: Some(protocol::STDIN_EOF) })));
         self.note_moved(attach.home_pid, node, attach.pid);
-        self.set_move_result(&home, Ok(node));
+        Self::set_move_result(&home, Ok(node));
         info!(home_pid = attach.home_pid, node, pid = attach.pid, "job runs away from home");
         loop {
             match reader.recv() {
@@ -918,7 +920,7 @@ impl Daemon {
                 Ok((protocol::MOVE_FAILED, data)) => {
                     let (why, message): (Refusal, String) =
                         serde_json::from_slice(&data).unwrap_or((Refusal::Failed, "move failed".into()));
-                    self.set_move_result(&home, Err(MoveError::new(why, message)));
+                    Self::set_move_result(&home, Err(MoveError::new(why, message)));
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -950,7 +952,7 @@ impl HomeJob {
     /// Waits until the job's locations before generation `epoch` have ended, so generation `epoch` may start.
     fn wait_epoch(&self, epoch: u32) {
         let mut done = self.finished_epoch.lock().expect("epoch");
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let deadline = Instant::now() + Duration::from_mins(10);
         while *done < epoch && Instant::now() < deadline {
             done = self.epoch_changed.wait_timeout(done, Duration::from_millis(200)).expect("epoch").0;
         }

@@ -74,7 +74,11 @@ fn the_job_reads_the_deputys_stdin() {
     let c = cluster("mstdin", 1);
     let mut child = mosrun(&c, 1).arg(job()).arg("echo").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    let input: String = (0..5000).map(|i| format!("line {i}\n")).collect();
+    let input: String = (0..5000).fold(String::new(), |mut s, i| {
+        use std::fmt::Write as _;
+        let _ = writeln!(s, "line {i}");
+        s
+    });
     stdin.write_all(input.as_bytes()).unwrap();
     drop(stdin);
     let out = child.wait_with_output().unwrap();
@@ -160,7 +164,7 @@ fn collect(child: &mut std::process::Child) -> std::sync::Arc<std::sync::Mutex<V
 }
 
 fn wait_lines(lines: &std::sync::Mutex<Vec<String>>, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     while lines.lock().unwrap().len() < n {
         assert!(Instant::now() < deadline, "the job stopped printing at {} lines", lines.lock().unwrap().len());
         std::thread::sleep(Duration::from_millis(20));

@@ -145,7 +145,7 @@ fn migrate_once(cluster: &Cluster, bins: &Path, size: u64, reference: &[String])
     });
     let mut seen = Vec::new();
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(120)).context("the job stopped talking")?;
+        let line = rx.recv_timeout(Duration::from_mins(2)).context("the job stopped talking")?;
         let filled = line.starts_with("filled");
         seen.push(line);
         if filled {

@@ -25,6 +25,7 @@ use rmosix_common::map::ClusterMap;
 /// Run a program as a migratable job; mosrun stays as its deputy (stdio, signals, exit status).
 #[derive(Debug, Parser)]
 #[command(version, disable_help_flag = true)]
+#[expect(clippy::struct_excessive_bools, reason = "MOSIX's one-letter flags, each a yes/no")]
 struct Args {
     /// Start on the best node of the cluster (as infod sees it).
     #[arg(short = 'b')]
