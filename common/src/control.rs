@@ -85,6 +85,8 @@ pub enum Request {
     Signal { signo: i32 },
     /// Move a job (by home PID).
     Migrate { home_pid: i32, target: Target },
+    /// A deputy whose migd restarted takes up its job again; its stdin, stdout and stderr come along again.
+    Reattach,
 }
 
 /// Why migd refused.

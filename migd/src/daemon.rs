@@ -35,7 +35,7 @@ use rmosix_common::node::Settings;
 use rmosix_common::query;
 use tracing::{info, warn};
 
-use crate::channel::blocking::{Channel, Writer};
+use crate::channel::blocking::{Channel, Reader, Writer};
 use crate::protocol::{self, Attach, Moved, Offer, Verdict};
 use crate::records::{JobRecord, JobState, RecordStore, RecordsError};
 use crate::relay::{self, PipeSink, Sink, Switch};
@@ -75,21 +75,72 @@ impl MoveError {
 
 type SharedWriter = Arc<Mutex<Writer<TcpStream>>>;
 
-/// A job link's writer as a byte sink of one kind of frame.
+/// Somewhere frames can be sent.
+trait FrameOut: Send + Sync {
+    fn send_frame(&self, kind: u8, data: &[u8]) -> std::io::Result<()>;
+}
+
+impl FrameOut for Mutex<Writer<TcpStream>> {
+    fn send_frame(&self, kind: u8, data: &[u8]) -> std::io::Result<()> {
+        self.lock().expect("link lock").send(kind, data).map_err(std::io::Error::other)
+    }
+}
+
+/// A guest job's link home, which survives the home migd restarting: while the link is down, senders wait
+/// (the job's pipes hold its output meanwhile) until it is back or given up.
+#[derive(Default)]
+struct LinkSlot {
+    writer: Mutex<Option<Writer<TcpStream>>>,
+    changed: Condvar,
+    gone: AtomicBool,
+}
+
+impl LinkSlot {
+    fn set(&self, writer: Option<Writer<TcpStream>>) {
+        *self.writer.lock().expect("slot") = writer;
+        self.changed.notify_all();
+    }
+
+    fn give_up(&self) {
+        self.gone.store(true, Ordering::Relaxed);
+        self.changed.notify_all();
+    }
+}
+
+impl FrameOut for LinkSlot {
+    fn send_frame(&self, kind: u8, data: &[u8]) -> std::io::Result<()> {
+        let mut guard = self.writer.lock().expect("slot");
+        loop {
+            if self.gone.load(Ordering::Relaxed) {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            if let Some(w) = guard.as_mut() {
+                match w.send(kind, data) {
+                    Ok(()) => return Ok(()),
+                    // The link broke: wait for the next one (the frame goes again on it).
+                    Err(_) => *guard = None,
+                }
+            }
+            guard = self.changed.wait_timeout(guard, Duration::from_millis(200)).expect("slot").0;
+        }
+    }
+}
+
+/// A job link as a byte sink of one kind of frame.
 struct FrameSink {
-    writer: SharedWriter,
+    out: Arc<dyn FrameOut>,
     kind: u8,
     eof_kind: Option<u8>,
 }
 
 impl Sink for FrameSink {
     fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.writer.lock().expect("link lock").send(self.kind, data).map_err(std::io::Error::other)
+        self.out.send_frame(self.kind, data)
     }
 
     fn end(&mut self) -> std::io::Result<()> {
         match self.eof_kind {
-            Some(kind) => self.writer.lock().expect("link lock").send(kind, &[]).map_err(std::io::Error::other),
+            Some(kind) => self.out.send_frame(kind, &[]),
             None => Ok(()),
         }
     }
@@ -100,7 +151,7 @@ enum Report {
     /// To the deputy session on this node (the job is home).
     Home(Arc<HomeJob>),
     /// Over the job link to its home node.
-    Link(SharedWriter),
+    Link(Arc<LinkSlot>),
 }
 
 /// A job running on this node.
@@ -155,6 +206,10 @@ struct HomeJob {
     move_changed: Condvar,
     /// Seconds the job was frozen during its last move.
     frozen: Mutex<f64>,
+    /// Job links from other nodes so far.
+    links: std::sync::atomic::AtomicU32,
+    /// The deputy asked for SIGKILL while the job was between nodes: deliver it on arrival.
+    killed: AtomicBool,
     done: AtomicBool,
 }
 
@@ -312,6 +367,7 @@ impl Daemon {
                 };
                 let _ = control::send(&mut stream, &response);
             }
+            Request::Reattach => self.reattach(stream, peer, fds),
             Request::Signal { .. } => refuse(&mut stream, Refusal::BadRequest, "signal outside a run session"),
         }
     }
@@ -388,30 +444,11 @@ impl Daemon {
             refuse(&mut stream, Refusal::Busy, e.to_string());
             return;
         }
-        let (Ok(out), Ok(err), Ok(deputy)) =
-            (File::from(stdout).try_clone(), File::from(stderr).try_clone(), stream.try_clone())
-        else {
+        let Some(home) = self.new_home(home_pid, req.stay_home, 0, stdout, stderr, &stream) else {
             let _ = job.signal(Signal::SIGKILL);
             refuse(&mut stream, Refusal::Failed, "cannot duplicate the deputy's descriptors");
             return;
         };
-        let home = Arc::new(HomeJob {
-            home_pid,
-            stay_home: req.stay_home,
-            out: Mutex::new(out),
-            err: Mutex::new(err),
-            stdin: Switch::default(),
-            stop_stdin: Arc::new(AtomicBool::new(false)),
-            deputy: Mutex::new(deputy),
-            location: Mutex::new(Location::Moving),
-            finished_epoch: Mutex::new(0),
-            epoch_changed: Condvar::new(),
-            move_result: Mutex::new(None),
-            move_changed: Condvar::new(),
-            frozen: Mutex::new(0.0),
-            done: AtomicBool::new(false),
-        });
-        self.homes.lock().expect("homes lock").insert(home_pid, Arc::clone(&home));
         info!(home_pid, uid = peer.uid, pid = job.pid(), command = ?command, stay_home = req.stay_home, "job started");
         let runner = Arc::new(Runner {
             home_node: self.me().0,
@@ -440,20 +477,109 @@ impl Daemon {
                 }
             });
         }
-        // Signals from the deputy; its end means the deputy is gone, and so must the job be.
+        Self::deputy_session(stream, &home);
+    }
+
+    /// The record of a job homed here, for its deputy: its output, its input, where it runs.
+    fn new_home(
+        &self,
+        home_pid: i32,
+        stay_home: bool,
+        epoch: u32,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+        stream: &UnixStream,
+    ) -> Option<Arc<HomeJob>> {
+        let (Ok(out), Ok(err), Ok(deputy)) =
+            (File::from(stdout).try_clone(), File::from(stderr).try_clone(), stream.try_clone())
+        else {
+            return None;
+        };
+        let home = Arc::new(HomeJob {
+            home_pid,
+            stay_home,
+            out: Mutex::new(out),
+            err: Mutex::new(err),
+            stdin: Switch::default(),
+            stop_stdin: Arc::new(AtomicBool::new(false)),
+            deputy: Mutex::new(deputy),
+            location: Mutex::new(Location::Moving),
+            finished_epoch: Mutex::new(epoch),
+            epoch_changed: Condvar::new(),
+            move_result: Mutex::new(None),
+            move_changed: Condvar::new(),
+            frozen: Mutex::new(0.0),
+            links: std::sync::atomic::AtomicU32::new(0),
+            killed: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+        });
+        self.homes.lock().expect("homes lock").insert(home_pid, Arc::clone(&home));
+        Some(home)
+    }
+
+    /// Signals from the deputy; its end means the deputy is gone, and so must the job be.
+    fn deputy_session(mut stream: UnixStream, home: &HomeJob) {
         loop {
             match control::recv::<Request>(&mut stream) {
                 Ok(Request::Signal { signo }) => home.signal(signo),
                 Ok(_) => {}
                 Err(_) => {
                     if !home.done.load(Ordering::Relaxed) {
-                        info!(home_pid, "deputy gone; killing its job");
+                        info!(home_pid = home.home_pid, "deputy gone; killing its job");
                         home.signal(Signal::SIGKILL as i32);
                     }
                     break;
                 }
             }
         }
+    }
+
+    /// A deputy takes its job up again after this migd restarted: the job runs on another node, which links
+    /// back here once it notices.
+    fn reattach(self: &Arc<Self>, mut stream: UnixStream, peer: Peer, fds: Vec<OwnedFd>) {
+        let Ok([stdin, stdout, stderr]) = <[OwnedFd; 3]>::try_from(fds) else {
+            refuse(&mut stream, Refusal::BadRequest, "a reattach request must carry stdin, stdout and stderr");
+            return;
+        };
+        let home_pid = peer.pid;
+        let Some(record) = self.records.get(home_pid).filter(|r| !r.state.has_ended() && r.uid == peer.uid) else {
+            refuse(&mut stream, Refusal::NoSuchJob, format!("no running job with home PID {home_pid} here"));
+            return;
+        };
+        if record.node == self.me() || self.homes.lock().expect("homes lock").contains_key(&home_pid) {
+            // It ran here, in the migd that ended: it ended with it.
+            let _ = self.records.update(home_pid, |r| r.state = JobState::Lost { reason: "migd restarted".into() });
+            refuse(&mut stream, Refusal::NoSuchJob, format!("job {home_pid} ran on this node and ended with migd"));
+            return;
+        }
+        let Some(home) = self.new_home(home_pid, false, record.migrations, stdout, stderr, &stream) else {
+            refuse(&mut stream, Refusal::Failed, "cannot duplicate the deputy's descriptors");
+            return;
+        };
+        relay::spawn_stoppable("deputy-stdin", stdin, home.stdin.clone(), Arc::clone(&home.stop_stdin));
+        info!(home_pid, node = %record.node, "deputy back; waiting for the job's node to link again");
+        if control::send(&mut stream, &Response::Started { home_pid, node: record.node.0 }).is_err() {
+            return;
+        }
+        self.lose_unless_linked(&home, record.node.0);
+        Self::deputy_session(stream, &home);
+    }
+
+    /// Declares the job lost if its node does not link (again) soon.
+    fn lose_unless_linked(self: &Arc<Self>, home: &Arc<HomeJob>, node: u32) {
+        let links = home.links.load(Ordering::Relaxed);
+        let daemon = Arc::clone(self);
+        let home = Arc::clone(home);
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if home.links.load(Ordering::Relaxed) != links || home.done.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            daemon.finish_home(&home, Response::Lost { reason: format!("node {node} is down or unreachable") });
+        });
     }
 
     /// Makes `runner` (restored or started here) the job's location and relays its output to the deputy.
@@ -495,11 +621,12 @@ impl Daemon {
     }
 
     /// The home record follows the job.
-    fn note_moved(&self, home_pid: i32, node: u32, pid: i32) {
+    fn note_moved(&self, home_pid: i32, node: u32, pid: i32, epoch: u32) {
         let _ = self.records.update(home_pid, |r| {
             r.node = NodeId(node);
             r.node_pid = pid;
-            r.migrations += 1;
+            // One generation per move: the link's generation is the number of moves so far.
+            r.migrations = epoch;
             r.state = JobState::Running;
         });
     }
@@ -673,7 +800,7 @@ impl Daemon {
         match report {
             Report::Home(home) => self.finish_home(home, Response::Exited { code }),
             Report::Link(link) => {
-                let _ = link.lock().expect("link").send_json(protocol::EXIT, &code);
+                let _ = link.send_frame(protocol::EXIT, &serde_json::to_vec(&code).expect("json"));
             }
         }
     }
@@ -785,7 +912,7 @@ impl Daemon {
             epoch: offer.epoch,
         });
         if at_home {
-            self.note_moved(home_pid, self.me().0, runner.job.pid());
+            self.note_moved(home_pid, self.me().0, runner.job.pid(), offer.epoch);
             let Some(home) = self.homes.lock().expect("homes lock").get(&home_pid).cloned() else {
                 let _ = runner.job.signal(Signal::SIGKILL);
                 return;
@@ -793,6 +920,9 @@ impl Daemon {
             home.wait_epoch(offer.epoch);
             self.attach_here(&home, &runner, pipes.stdout, pipes.stderr);
             runner.job.resume();
+            if home.killed.load(Ordering::Relaxed) {
+                home.signal(Signal::SIGKILL as i32);
+            }
             Self::set_move_result(&home, Ok(self.me().0));
             info!(home_pid, from, "job is home again");
         } else if let Err(e) = self.run_guest(&runner, pipes.stdout, pipes.stderr) {
@@ -801,94 +931,145 @@ impl Daemon {
         }
     }
 
-    /// Runs a guest job: links it to its home node and serves the link.
-    fn run_guest(self: &Arc<Self>, runner: &Arc<Runner>, stdout: OwnedFd, stderr: OwnedFd) -> Result<(), String> {
+    /// Connects to the job's home node and attaches the job there.
+    fn link_home(&self, runner: &Runner) -> Result<(Reader<TcpStream>, Writer<TcpStream>), String> {
         let home = self.settings.map.get(NodeId(runner.home_node)).ok_or("home node not in the map")?;
-        let stream = TcpStream::connect_timeout(&SocketAddr::from((home.addr, self.settings.config.migd.port)), Duration::from_secs(5))
+        let addr = SocketAddr::from((home.addr, self.settings.config.migd.port));
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .map_err(|e| format!("cannot reach home node {}: {e}", runner.home_node))?;
         let _ = stream.set_nodelay(true);
         let link = Channel::client_tcp(stream, &self.settings.key, self.me().0).map_err(|e| e.to_string())?;
-        let (mut reader, mut writer) = link.into_split().map_err(|e| e.to_string())?;
-        writer
-            .send_json(protocol::ATTACH, &Attach { home_pid: runner.home_pid, pid: runner.job.pid(), epoch: runner.epoch })
-            .map_err(|e| e.to_string())?;
-        let writer: SharedWriter = Arc::new(Mutex::new(writer));
+        let (reader, mut writer) = link.into_split().map_err(|e| e.to_string())?;
+        let attach = Attach { home_pid: runner.home_pid, pid: runner.job.pid(), epoch: runner.epoch };
+        writer.send_json(protocol::ATTACH, &attach).map_err(|e| e.to_string())?;
+        Ok((reader, writer))
+    }
+
+    /// Runs a guest job: links it to its home node and serves the link, linking again if it breaks (the
+    /// home migd restarting) for up to a minute.
+    fn run_guest(self: &Arc<Self>, runner: &Arc<Runner>, stdout: OwnedFd, stderr: OwnedFd) -> Result<(), String> {
+        let (reader, writer) = self.link_home(runner)?;
+        let slot = Arc::new(LinkSlot::default());
+        slot.set(Some(writer));
+        let out: Arc<dyn FrameOut> = Arc::clone(&slot) as Arc<dyn FrameOut>;
         *runner.outputs.lock().expect("outputs") = vec![
-            relay::spawn("guest-stdout", stdout, FrameSink { writer: Arc::clone(&writer), kind: protocol::STDOUT, eof_kind: None }),
-            relay::spawn("guest-stderr", stderr, FrameSink { writer: Arc::clone(&writer), kind: protocol::STDERR, eof_kind: None }),
+            relay::spawn("guest-stdout", stdout, FrameSink { out: Arc::clone(&out), kind: protocol::STDOUT, eof_kind: None }),
+            relay::spawn("guest-stderr", stderr, FrameSink { out, kind: protocol::STDERR, eof_kind: None }),
         ];
         self.runners.lock().expect("runners").insert((runner.home_node, runner.home_pid), Arc::clone(runner));
         {
             let daemon = Arc::clone(self);
             let runner = Arc::clone(runner);
-            let report = Report::Link(Arc::clone(&writer));
+            let report = Report::Link(Arc::clone(&slot));
             std::thread::spawn(move || daemon.wait_runner(&runner, &report));
         }
         runner.job.resume();
         info!(home_pid = runner.home_pid, home = runner.home_node, pid = runner.job.pid(), "guest job running");
-        // Orders from home.
         let daemon = Arc::clone(self);
         let runner = Arc::clone(runner);
-        std::thread::spawn(move || {
-            loop {
-                match reader.recv() {
-                    Ok((protocol::STDIN, data)) => {
-                        if let Some(f) = runner.stdin.lock().expect("stdin").as_mut() {
-                            let _ = f.write_all(&data);
-                        }
+        std::thread::spawn(move || daemon.serve_guest_link(&runner, &slot, reader));
+        Ok(())
+    }
+
+    /// Orders from home for a guest job.
+    fn serve_guest_link(self: &Arc<Self>, runner: &Arc<Runner>, slot: &Arc<LinkSlot>, mut reader: Reader<TcpStream>) {
+        // Since when home has been out of reach (links that drop at once do not count as reaching it).
+        let mut lost_since: Option<Instant> = None;
+        loop {
+            let message = reader.recv();
+            if message.is_ok() {
+                lost_since = None;
+            }
+            match message {
+                Ok((protocol::STDIN, data)) => {
+                    if let Some(f) = runner.stdin.lock().expect("stdin").as_mut() {
+                        let _ = f.write_all(&data);
                     }
-                    Ok((protocol::STDIN_EOF, _)) => *runner.stdin.lock().expect("stdin") = None,
-                    Ok((protocol::SIGNAL, data)) => {
-                        if let Ok(Ok(sig)) = serde_json::from_slice::<i32>(&data).map(Signal::try_from) {
-                            let _ = runner.job.signal(sig);
-                        }
+                }
+                Ok((protocol::STDIN_EOF, _)) => *runner.stdin.lock().expect("stdin") = None,
+                Ok((protocol::SIGNAL, data)) => {
+                    if let Ok(Ok(sig)) = serde_json::from_slice::<i32>(&data).map(Signal::try_from) {
+                        let _ = runner.job.signal(sig);
                     }
-                    Ok((protocol::KILL, _)) => {
-                        let _ = runner.job.signal(Signal::SIGKILL);
-                    }
-                    Ok((protocol::MIGRATE, data)) => {
-                        let Ok(to) = serde_json::from_slice::<u32>(&data) else { continue };
-                        let started = Instant::now();
-                        match daemon.move_runner(&runner, to) {
-                            Ok(frozen) => {
-                                let mut w = writer.lock().expect("link");
-                                let moved = Moved { to, seconds: started.elapsed().as_secs_f64(), frozen: frozen.as_secs_f64() };
-                                let _ = w.send_json(protocol::MOVED, &moved);
+                }
+                Ok((protocol::KILL, _)) => {
+                    let _ = runner.job.signal(Signal::SIGKILL);
+                }
+                Ok((protocol::MIGRATE, data)) => {
+                    let Ok(to) = serde_json::from_slice::<u32>(&data) else { continue };
+                    let started = Instant::now();
+                    match self.move_runner(runner, to) {
+                        Ok(frozen) => {
+                            let moved = Moved { to, seconds: started.elapsed().as_secs_f64(), frozen: frozen.as_secs_f64() };
+                            let _ = slot.send_frame(protocol::MOVED, &serde_json::to_vec(&moved).expect("json"));
+                            if let Some(mut w) = slot.writer.lock().expect("slot").take() {
                                 let _ = w.shutdown();
-                                return;
                             }
-                            Err(e) => {
-                                let _ = writer.lock().expect("link").send_json(protocol::MOVE_FAILED, &(e.why, e.message));
-                            }
+                            slot.give_up();
+                            return;
+                        }
+                        Err(e) => {
+                            let failure = serde_json::to_vec(&(e.why, e.message)).expect("json");
+                            let _ = slot.send_frame(protocol::MOVE_FAILED, &failure);
                         }
                     }
-                    Ok(_) => {}
-                    Err(_) => {
-                        // Home is gone: nobody can see this job's output or wait for it.
-                        if !runner.moving.load(Ordering::Relaxed) {
-                            warn!(home_pid = runner.home_pid, "lost the link to the home node; killing the guest job");
-                            let _ = runner.job.signal(Signal::SIGKILL);
-                        }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if runner.moving.load(Ordering::Relaxed) || slot.gone.load(Ordering::Relaxed) {
                         return;
+                    }
+                    // Home went away (its migd restarting, say): link again while it comes back.
+                    warn!(home_pid = runner.home_pid, error = %e, "link to the home node lost; linking again");
+                    slot.set(None);
+                    let deadline = *lost_since.get_or_insert_with(Instant::now) + Duration::from_mins(1);
+                    loop {
+                        std::thread::sleep(Duration::from_millis(500));
+                        if let Ok((r, w)) = self.link_home(runner) {
+                            slot.set(Some(w));
+                            reader = r;
+                            info!(home_pid = runner.home_pid, "linked to the home node again");
+                            break;
+                        }
+                        if Instant::now() > deadline || runner.job.signal(Signal::SIGCONT).is_err() {
+                            // Nobody can see this job's output or wait for it any more.
+                            warn!(home_pid = runner.home_pid, "home node unreachable; killing the guest job");
+                            slot.give_up();
+                            let _ = runner.job.signal(Signal::SIGKILL);
+                            return;
+                        }
                     }
                 }
             }
-        });
-        Ok(())
+        }
     }
 
     /// Home side of a job link: the job runs on node `node`.
     fn serve_link(self: Arc<Self>, link: Channel<TcpStream>, node: u32, attach: &Attach) {
-        let Some(home) = self.homes.lock().expect("homes lock").get(&attach.home_pid).cloned() else {
-            warn!(home_pid = attach.home_pid, node, "link for a job with no deputy here; dropped");
-            return;
+        // After a restart of this migd the deputy may come back a moment after the job's node.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let home = loop {
+            if let Some(home) = self.homes.lock().expect("homes lock").get(&attach.home_pid).cloned() {
+                break home;
+            }
+            let known = self.records.get(attach.home_pid).is_some_and(|r| !r.state.has_ended());
+            if !known || Instant::now() > deadline {
+                warn!(home_pid = attach.home_pid, node, "link for a job with no deputy here; dropped");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         };
         let Ok((mut reader, writer)) = link.into_split() else { return };
         let writer: SharedWriter = Arc::new(Mutex::new(writer));
         home.wait_epoch(attach.epoch);
+        home.links.fetch_add(1, Ordering::Relaxed);
         *home.location.lock().expect("location") = Location::Away { link: Arc::clone(&writer) };
-        home.stdin.set(Some(Box::new(FrameSink { writer: Arc::clone(&writer), kind: protocol::STDIN, eof_kind: Some(protocol::STDIN_EOF) })));
-        self.note_moved(attach.home_pid, node, attach.pid);
+        let out: Arc<dyn FrameOut> = Arc::clone(&writer) as Arc<dyn FrameOut>;
+        home.stdin.set(Some(Box::new(FrameSink { out, kind: protocol::STDIN, eof_kind: Some(protocol::STDIN_EOF) })));
+        if home.killed.load(Ordering::Relaxed) {
+            home.signal(Signal::SIGKILL as i32);
+        }
+        self.note_moved(attach.home_pid, node, attach.pid, attach.epoch);
         Self::set_move_result(&home, Ok(node));
         info!(home_pid = attach.home_pid, node, pid = attach.pid, "job runs away from home");
         loop {
@@ -924,7 +1105,14 @@ impl Daemon {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    self.finish_home(&home, Response::Lost { reason: format!("node {node} went away: {e}") });
+                    if home.done.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    // The node may be restarting its migd or briefly unreachable: give it time to link again.
+                    warn!(home_pid = attach.home_pid, node, error = %e, "job link lost");
+                    *home.location.lock().expect("location") = Location::Moving;
+                    home.stdin.set(None);
+                    self.lose_unless_linked(&home, node);
                     return;
                 }
             }
@@ -945,7 +1133,11 @@ impl HomeJob {
                 let kind = if signo == Signal::SIGKILL as i32 { protocol::KILL } else { protocol::SIGNAL };
                 let _ = link.lock().expect("link").send_json(kind, &signo);
             }
-            Location::Moving => {}
+            Location::Moving => {
+                if signo == Signal::SIGKILL as i32 {
+                    self.killed.store(true, Ordering::Relaxed);
+                }
+            }
         }
     }
 

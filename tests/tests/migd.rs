@@ -300,3 +300,29 @@ fn a_forged_migration_connection_is_refused() {
     let log = std::fs::read_to_string(c.node_dir(1).join("migd.log")).unwrap();
     assert!(log.contains("peer failed authentication; dropped"), "{log}");
 }
+
+#[test]
+fn home_records_survive_a_migd_restart_while_the_job_runs_away() {
+    let c = cluster("mrestart", 2);
+    let args = ["spin", "600", "2000000"];
+    let mut child = mosrun(&c, 1).arg(job()).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let lines = collect(&mut child);
+    wait_lines(&lines, 10);
+    migrate(&c, pid, "2");
+
+    c.kill_daemon(1, "migd").unwrap();
+    let record = std::fs::read_to_string(c.node_dir(1).join("records").join(format!("{pid}.json"))).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(record["record"]["node"], 2, "{record}");
+    assert_eq!(record["record"]["migrations"], 1, "{record}");
+    let n = lines.lock().unwrap().len();
+    c.start_migd(1).unwrap();
+    // The deputy and node 2 find the new migd; the output flows again, and the job still moves.
+    wait_lines(&lines, n + 20);
+    let said = migrate(&c, pid, "home");
+    assert!(said.starts_with(&format!("moved {pid} from node 2 to node 1 in ")), "{said}");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lines.lock().unwrap().join("\n") + "\n", reference(&args));
+}

@@ -162,13 +162,13 @@ fn run(args: Args) -> anyhow::Result<i32> {
         Response::Refused { why, message } => bail!("cannot start the job ({why:?}): {message}"),
         other => bail!("unexpected answer from migd: {other:?}"),
     }
-    let mut signals = stream.try_clone().context("cannot clone the control connection")?;
+    let session = std::sync::Arc::new(std::sync::Mutex::new(stream.try_clone().context("cannot clone the control connection")?));
+    let signals = std::sync::Arc::clone(&session);
     std::thread::spawn(move || {
         loop {
             let Ok(sig) = forwarded.wait() else { continue };
-            if control::send(&mut signals, &Request::Signal { signo: sig as i32 }).is_err() {
-                break;
-            }
+            // A signal while migd restarts is sent once the session is back.
+            let _ = control::send(&mut signals.lock().expect("session"), &Request::Signal { signo: sig as i32 });
             if sig == Signal::SIGTSTP {
                 // Stop the deputy too, so the shell gets the terminal back; `fg` sends SIGCONT, forwarded above.
                 let _ = nix::sys::signal::raise(Signal::SIGSTOP);
@@ -184,9 +184,42 @@ fn run(args: Args) -> anyhow::Result<i32> {
             }
             Ok(_) => {}
             Err(e) => {
-                eprintln!("mosrun: lost contact with migd: {e}");
-                return Ok(255);
+                // migd went away: it keeps the job's record, so wait for it to come back and take the job up again.
+                match reattach(&socket, &mut session.lock().expect("session")) {
+                    Ok(s) => stream = s,
+                    Err(again) => {
+                        eprintln!("mosrun: lost contact with migd ({e}) and could not get it back: {again:#}");
+                        return Ok(255);
+                    }
+                }
             }
         }
+    }
+}
+
+/// Reconnects to a restarted migd (for up to a minute) and takes the job up again.
+fn reattach(socket: &std::path::Path, session: &mut UnixStream) -> anyhow::Result<UnixStream> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+    loop {
+        if let Ok(mut stream) = UnixStream::connect(socket) {
+            let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+            let sent = control::send_with_fds(&stream, &Request::Reattach, &[stdin.as_fd(), stdout.as_fd(), stderr.as_fd()]);
+            // A migd still starting may drop the connection: try again until the deadline.
+            match sent.and_then(|()| control::recv::<Response>(&mut stream)) {
+                Ok(Response::Started { .. }) => {
+                    *session = stream.try_clone()?;
+                    return Ok(stream);
+                }
+                Ok(Response::Refused { why, message }) => {
+                    bail!("migd refused to take the job up again ({why:?}): {message}")
+                }
+                Ok(other) => bail!("unexpected answer from migd: {other:?}"),
+                Err(_) => {}
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("migd did not come back within a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
