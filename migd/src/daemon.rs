@@ -374,7 +374,6 @@ impl Daemon {
 
     // ---- the home side: deputies -------------------------------------------------------------------------
 
-    #[expect(clippy::too_many_lines, reason = "the life of a deputy session, start to end, in order")]
     #[expect(clippy::needless_pass_by_value, reason = "the session owns its connection and request")]
     fn run(self: &Arc<Self>, mut stream: UnixStream, peer: Peer, req: RunRequest, fds: Vec<OwnedFd>) {
         let Ok([stdin, stdout, stderr]) = <[OwnedFd; 3]>::try_from(fds) else {
