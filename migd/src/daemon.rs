@@ -357,7 +357,16 @@ impl Daemon {
         };
         match request {
             Request::Run { program, args, env, cwd, umask, place, options } => {
-                let run = RunRequest { program, args, env, cwd, umask, place, stay_home: options.stay_home };
+                let run = RunRequest {
+                    program,
+                    args,
+                    env,
+                    cwd,
+                    umask,
+                    place,
+                    stay_home: options.stay_home,
+                    mem_bytes: options.mem_mb.unwrap_or(0).saturating_mul(1 << 20),
+                };
                 self.run(stream, peer, run, fds);
             }
             Request::Migrate { home_pid, target } => {
@@ -387,7 +396,7 @@ impl Daemon {
                 return;
             }
             Where::Node(n) => n,
-            Where::Best => self.best_node(None),
+            Where::Best => self.best_node(None, req.mem_bytes),
         };
         let credentials = match credentials(peer) {
             Ok(c) => c,
@@ -638,10 +647,10 @@ impl Daemon {
         home.move_changed.notify_all();
     }
 
-    fn best_node(&self, exclude: Option<u32>) -> u32 {
+    fn best_node(&self, exclude: Option<u32>, mem_bytes: u64) -> u32 {
         let socket = std::env::var_os(query::SOCKET_ENV)
             .map_or_else(|| self.settings.config.infod.socket.clone(), PathBuf::from);
-        match query::ask(&socket, &query::Request::Best { mem_bytes: 0 }) {
+        match query::ask(&socket, &query::Request::Best { mem_bytes }) {
             Ok(query::Response::Best { node }) if Some(node) != exclude => node,
             _ => self.me().0,
         }
@@ -670,7 +679,7 @@ impl Daemon {
         let to = match target {
             Target::Home => self.me().0,
             Target::Node(n) => n,
-            Target::Balance => self.best_node(Some(from)),
+            Target::Balance => self.best_node(Some(from), 0),
         };
         if self.settings.map.get(NodeId(to)).is_none() {
             return Err(MoveError::new(Refusal::NoSuchNode, format!("node {to} is not in the cluster map")));
@@ -1191,6 +1200,8 @@ struct RunRequest {
     umask: u32,
     place: Where,
     stay_home: bool,
+    /// Memory the job will need (`mosrun -m`), for choosing its node.
+    mem_bytes: u64,
 }
 
 /// The deputy's identity: its uid, gid and the groups of that user.

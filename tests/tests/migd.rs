@@ -326,3 +326,27 @@ fn home_records_survive_a_migd_restart_while_the_job_runs_away() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(lines.lock().unwrap().join("\n") + "\n", reference(&args));
 }
+
+#[test]
+fn mosrun_starts_a_job_on_the_node_asked_and_the_deputy_says_when_that_node_dies() {
+    let c = cluster("mstart", 2);
+    let args = ["spin", "100000", "2000000"];
+    let mut child = mosrun(&c, 1).args(["-N", "2"]).arg(job()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let lines = collect(&mut child);
+    wait_lines(&lines, 5);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running(&c, 2, "rmx-job").len() != 1 {
+        assert!(Instant::now() < deadline, "the job never reached node 2");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(running(&c, 1, "rmx-job").is_empty());
+    // Node 2 dies: its migd and everything it ran.
+    c.kill_daemon(2, "migd").unwrap();
+    for pid in running(&c, 2, "rmx-job").into_iter().chain(running(&c, 2, "rmosix-init")) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the job was lost: node 2"), "{err}");
+}
