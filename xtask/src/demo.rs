@@ -2,9 +2,10 @@
 //!
 //! It starts the cluster, waits until every node knows every other, puts a CPU hog on node 2 and shows node
 //! 4 noticing it and steering new work elsewhere, kills node 3's infod and shows the cluster marking it down,
-//! then brings it back.
+//! then brings it back. Then a job started with `mosrun` on node 1 is moved to node 2, node 3 and home while
+//! it runs, and its output at the deputy is compared with an unmoved run's.
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -88,10 +89,62 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let took = cluster.wait_for(Duration::from_secs(15), "node 3 back", |_, v| v.nodes.iter().all(|n| n.alive))?;
     step(start, &format!("node 3 is back everywhere after {:.1}s; node 3 sees:", took.as_secs_f64()));
     print!("{}", mosctl(&cluster, 3, &["status"])?);
+    migration(&cluster, start)?;
     if args.keep {
         println!("\ncluster \"demo\" left running: cargo xtask cluster exec --name demo 1 -- mosctl status");
     } else {
         println!("\nremoving the cluster");
     }
+    Ok(())
+}
+
+/// A job started with mosrun on node 1 travels to node 2, node 3 and home while it runs; its deputy gets all
+/// of its output.
+fn migration(cluster: &Cluster, start: Instant) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let job = crate::bin_dir().join("rmx-job");
+    let args = ["spin", "400", "3000000"];
+    // What an unmoved run prints, computed meanwhile.
+    let reference = {
+        let job = job.clone();
+        std::thread::spawn(move || Command::new(job).args(args).output().map(|o| o.stdout))
+    };
+    step(start, "mosrun on node 1: a CPU-bound job printing 400 steps and a checksum");
+    let mut deputy = cluster.command(1, "mosrun")?.arg(&job).args(args).stdout(Stdio::piped()).spawn()?;
+    let pid = deputy.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = std::io::BufReader::new(deputy.stdout.take().context("no stdout")?);
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    for target in ["2", "3", "home"] {
+        for _ in 0..60 {
+            seen.push(rx.recv_timeout(Duration::from_secs(60)).context("the job stopped printing")?);
+        }
+        println!("  deputy has {} lines, last: {}", seen.len(), seen.last().map_or("", String::as_str));
+        let said = cluster.command(1, "migrate")?.args([pid.as_str(), target]).output()?;
+        anyhow::ensure!(said.status.success(), "migrate failed: {}", String::from_utf8_lossy(&said.stderr));
+        print!("  $ migrate {pid} {target}\n  {}", String::from_utf8_lossy(&said.stdout));
+    }
+    seen.extend(rx.iter());
+    let status = deputy.wait()?;
+    let expected = reference.join().map_err(|_| anyhow::anyhow!("reference run panicked"))?.context("cannot run rmx-job")?;
+    let mut got = seen.join("\n");
+    got.push('\n');
+    step(
+        start,
+        &format!(
+            "the job ended (deputy exit status {}); {} lines, identical to an unmoved run: {}",
+            status.code().unwrap_or(-1),
+            seen.len(),
+            if got.as_bytes() == expected.as_slice() { "yes" } else { "NO" }
+        ),
+    );
+    anyhow::ensure!(got.as_bytes() == expected.as_slice(), "the moved job's output differs from an unmoved run's");
     Ok(())
 }
