@@ -124,7 +124,7 @@ fn migration(cluster: &Cluster, start: Instant) -> anyhow::Result<()> {
     let mut seen: Vec<String> = Vec::new();
     for target in ["2", "3", "home"] {
         for _ in 0..60 {
-            seen.push(rx.recv_timeout(Duration::from_secs(60)).context("the job stopped printing")?);
+            seen.push(rx.recv_timeout(Duration::from_mins(1)).context("the job stopped printing")?);
         }
         println!("  deputy has {} lines, last: {}", seen.len(), seen.last().map_or("", String::as_str));
         let said = cluster.command(1, "migrate")?.args([pid.as_str(), target]).output()?;
