@@ -59,6 +59,40 @@ pub enum StartError {
     NoInit(PathBuf),
 }
 
+/// The steps of a move, in order, as they appear in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The source freezes the job and writes its images.
+    Dump,
+    /// The source offers the job; the destination accepts or refuses.
+    Offer,
+    /// The images travel.
+    Transfer,
+    /// The destination restores the job stopped and checks its owner.
+    Restore,
+    /// The source ends its copy; the destination lets the job run.
+    Commit,
+    /// The job runs at the destination.
+    Done,
+    /// The move failed; the job runs on at the source.
+    Aborted,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Phase::Dump => "dump",
+            Phase::Offer => "offer",
+            Phase::Transfer => "transfer",
+            Phase::Restore => "restore",
+            Phase::Commit => "commit",
+            Phase::Done => "done",
+            Phase::Aborted => "aborted",
+        };
+        f.write_str(name)
+    }
+}
+
 /// A move that did not happen; the job runs on where it was.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -724,7 +758,23 @@ impl Daemon {
     /// been relayed to the end; on failure the job runs on here.
     fn move_runner(self: &Arc<Self>, runner: &Arc<Runner>, to: u32) -> Result<Duration, MoveError> {
         let started = Instant::now();
+        let span = tracing::info_span!(
+            "migration",
+            migration_id = %format!("{}.{}-{}", runner.home_node, runner.home_pid, runner.epoch + 1),
+            role = "source",
+            to
+        );
+        let _span = span.enter();
+        let result = self.move_runner_steps(runner, to, started);
+        if let Err(e) = &result {
+            warn!(phase = %Phase::Aborted, why = ?e.why, error = %e, "move failed; the job runs on here");
+        }
+        result
+    }
+
+    fn move_runner_steps(self: &Arc<Self>, runner: &Arc<Runner>, to: u32, started: Instant) -> Result<Duration, MoveError> {
         let home_pid = runner.home_pid;
+        info!(phase = %Phase::Dump, "moving");
         let dest = self
             .settings
             .map
@@ -738,6 +788,7 @@ impl Daemon {
             e => failed(Refusal::Failed, &e),
         })?;
         let image_bytes = images.total_size().map_err(|e| failed(Refusal::Failed, &e))?;
+        info!(phase = %Phase::Offer, image_bytes, dumped_ms = freeze_start.elapsed().as_millis(), "dumped");
         let stream = TcpStream::connect_timeout(&SocketAddr::from((dest.addr, self.settings.config.migd.port)), Duration::from_secs(5))
             .map_err(|e| failed(Refusal::TargetDown, &format!("cannot reach node {to}: {e}")))?;
         let _ = stream.set_nodelay(true);
@@ -758,6 +809,7 @@ impl Daemon {
         if !verdict.ok {
             return Err(MoveError::new(verdict.refusal.unwrap_or(Refusal::Failed), verdict.message));
         }
+        info!(phase = %Phase::Transfer, "accepted");
         link.send(protocol::IMAGES, &[]).map_err(net)?;
         let key = *link.bulk_key();
         let raw = link.raw_mut().map_err(net)?;
@@ -766,6 +818,7 @@ impl Daemon {
         if !verdict.ok {
             return Err(MoveError::new(verdict.refusal.unwrap_or(Refusal::Failed), verdict.message));
         }
+        info!(phase = %Phase::Commit, "restored stopped at the destination");
         // The destination holds a stopped copy: end ours, then let it run.
         runner.moving.store(true, Ordering::Relaxed);
         frozen.commit().map_err(|e| failed(Refusal::Failed, &e))?;
@@ -778,7 +831,7 @@ impl Daemon {
         }
         *runner.stdin.lock().expect("stdin") = None;
         self.runners.lock().expect("runners").remove(&(runner.home_node, home_pid));
-        info!(home_pid, to, pid = verdict.pid, seconds = started.elapsed().as_secs_f64(), frozen = freeze.as_secs_f64(), "job moved");
+        info!(phase = %Phase::Done, home_pid, to, pid = verdict.pid, seconds = started.elapsed().as_secs_f64(), frozen = freeze.as_secs_f64(), "job moved");
         if let Err(e) = committed {
             warn!(home_pid, to, error = %e, "node {to} did not hear the commit; the job may stay stopped there");
         }
@@ -845,8 +898,20 @@ impl Daemon {
     }
 
     /// The destination of a move.
+    fn receive_job(self: Arc<Self>, link: Channel<TcpStream>, from: u32, offer: Offer) {
+        let span = tracing::info_span!(
+            "migration",
+            migration_id = %format!("{}.{}-{}", offer.home_node, offer.home_pid, offer.epoch),
+            role = "destination",
+            from
+        );
+        let _span = span.enter();
+        info!(phase = %Phase::Offer, image_bytes = offer.image_bytes, "offered a job");
+        self.receive_job_steps(link, from, offer);
+    }
+
     #[expect(clippy::needless_pass_by_value, reason = "the offer is consumed by the move it starts")]
-    fn receive_job(self: Arc<Self>, mut link: Channel<TcpStream>, from: u32, offer: Offer) {
+    fn receive_job_steps(self: Arc<Self>, mut link: Channel<TcpStream>, from: u32, offer: Offer) {
         let home_pid = offer.home_pid;
         let at_home = offer.home_node == self.me().0;
         if !at_home && self.settings.config.policy.block_guests {
@@ -881,6 +946,7 @@ impl Daemon {
             let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e));
             return;
         }
+        info!(phase = %Phase::Restore, "images received");
         let (job, pipes) = match Job::restore_stopped(&self.criu, &images, Placement::default()) {
             Ok(j) => j,
             Err(e) => {

@@ -19,6 +19,9 @@ struct Args {
     pid: i32,
     /// A node id, `home`, or `balance`.
     target: String,
+    /// Return once migd has the request, without waiting for the move.
+    #[arg(long = "async")]
+    no_wait: bool,
     /// migd's control socket (default: `$RMOSIX_MIGD_SOCKET`, else the configuration's `migd.socket`).
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -56,6 +59,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let mut stream = UnixStream::connect(&socket)
         .with_context(|| format!("cannot reach migd at {} (is migd running?)", socket.display()))?;
     control::send(&mut stream, &Request::Migrate { home_pid: args.pid, target })?;
+    if args.no_wait {
+        // migd goes on with the move; its result is in the job's record and migd's log.
+        println!("moving {} to {}", args.pid, args.target);
+        return Ok(());
+    }
     match control::recv::<Response>(&mut stream).context("migd did not answer")? {
         Response::Moved { home_pid, from, to, seconds, frozen } => {
             println!("moved {home_pid} from node {from} to node {to} in {seconds:.2} s (frozen {frozen:.3} s)");
