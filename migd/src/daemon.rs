@@ -127,6 +127,9 @@ struct LinkSlot {
     writer: Mutex<Option<Writer<TcpStream>>>,
     changed: Condvar,
     gone: AtomicBool,
+    /// Output frames sent but not yet written out at home (sequence number, kind, payload): sent again on
+    /// the next link if this one breaks, so no output is lost when home restarts.
+    unacked: Mutex<(u64, std::collections::VecDeque<(u64, u8, Vec<u8>)>)>,
 }
 
 impl LinkSlot {
@@ -138,6 +141,51 @@ impl LinkSlot {
     fn give_up(&self) {
         self.gone.store(true, Ordering::Relaxed);
         self.changed.notify_all();
+    }
+
+    /// Sends job output, numbered, keeping it until home acknowledges it.
+    fn send_output(&self, kind: u8, data: &[u8]) -> std::io::Result<()> {
+        let payload = {
+            let mut q = self.unacked.lock().expect("unacked");
+            let seq = q.0;
+            q.0 += 1;
+            let mut payload = Vec::with_capacity(8 + data.len());
+            payload.extend_from_slice(&seq.to_le_bytes());
+            payload.extend_from_slice(data);
+            q.1.push_back((seq, kind, payload.clone()));
+            payload
+        };
+        self.send_frame(kind, &payload)
+    }
+
+    /// Home wrote everything up to `seq` out.
+    fn ack(&self, seq: u64) {
+        let mut q = self.unacked.lock().expect("unacked");
+        while q.1.front().is_some_and(|(s, _, _)| *s <= seq) {
+            q.1.pop_front();
+        }
+    }
+
+    /// Sends the unacknowledged output again on a new link, then makes it the link.
+    fn relink(&self, mut writer: Writer<TcpStream>) -> Result<(), crate::channel::ChannelError> {
+        let pending: Vec<(u64, u8, Vec<u8>)> = self.unacked.lock().expect("unacked").1.iter().cloned().collect();
+        for (_, kind, payload) in pending {
+            writer.send(kind, &payload)?;
+        }
+        self.set(Some(writer));
+        Ok(())
+    }
+}
+
+/// Job output going home over a guest's link.
+struct OutputSink {
+    slot: Arc<LinkSlot>,
+    kind: u8,
+}
+
+impl Sink for OutputSink {
+    fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.slot.send_output(self.kind, data)
     }
 }
 
@@ -242,6 +290,8 @@ struct HomeJob {
     frozen: Mutex<f64>,
     /// Job links from other nodes so far.
     links: std::sync::atomic::AtomicU32,
+    /// Generation of the job's link and the last output frame of it written to the deputy.
+    written: Mutex<(u32, Option<u64>)>,
     /// The deputy asked for SIGKILL while the job was between nodes: deliver it on arrival.
     killed: AtomicBool,
     done: AtomicBool,
@@ -552,6 +602,7 @@ impl Daemon {
             move_changed: Condvar::new(),
             frozen: Mutex::new(0.0),
             links: std::sync::atomic::AtomicU32::new(0),
+            written: Mutex::new((u32::MAX, None)),
             killed: AtomicBool::new(false),
             done: AtomicBool::new(false),
         });
@@ -1025,10 +1076,9 @@ impl Daemon {
         let (reader, writer) = self.link_home(runner)?;
         let slot = Arc::new(LinkSlot::default());
         slot.set(Some(writer));
-        let out: Arc<dyn FrameOut> = Arc::clone(&slot) as Arc<dyn FrameOut>;
         *runner.outputs.lock().expect("outputs") = vec![
-            relay::spawn("guest-stdout", stdout, FrameSink { out: Arc::clone(&out), kind: protocol::STDOUT, eof_kind: None }),
-            relay::spawn("guest-stderr", stderr, FrameSink { out, kind: protocol::STDERR, eof_kind: None }),
+            relay::spawn("guest-stdout", stdout, OutputSink { slot: Arc::clone(&slot), kind: protocol::STDOUT }),
+            relay::spawn("guest-stderr", stderr, OutputSink { slot: Arc::clone(&slot), kind: protocol::STDERR }),
         ];
         self.runners.lock().expect("runners").insert((runner.home_node, runner.home_pid), Arc::clone(runner));
         {
@@ -1069,6 +1119,11 @@ impl Daemon {
                 Ok((protocol::KILL, _)) => {
                     let _ = runner.job.signal(Signal::SIGKILL);
                 }
+                Ok((protocol::ACK, data)) => {
+                    if let Ok(seq) = <[u8; 8]>::try_from(data.as_slice()) {
+                        slot.ack(u64::from_le_bytes(seq));
+                    }
+                }
                 Ok((protocol::MIGRATE, data)) => {
                     let Ok(to) = serde_json::from_slice::<u32>(&data) else { continue };
                     let started = Instant::now();
@@ -1099,8 +1154,9 @@ impl Daemon {
                     let deadline = *lost_since.get_or_insert_with(Instant::now) + Duration::from_mins(1);
                     loop {
                         std::thread::sleep(Duration::from_millis(500));
-                        if let Ok((r, w)) = self.link_home(runner) {
-                            slot.set(Some(w));
+                        if let Ok((r, w)) = self.link_home(runner)
+                            && slot.relink(w).is_ok()
+                        {
                             reader = r;
                             info!(home_pid = runner.home_pid, "linked to the home node again");
                             break;
@@ -1146,13 +1202,26 @@ impl Daemon {
         self.note_moved(attach.home_pid, node, attach.pid, attach.epoch);
         Self::set_move_result(&home, Ok(node));
         info!(home_pid = attach.home_pid, node, pid = attach.pid, "job runs away from home");
+        {
+            // Output numbering starts again with each generation; a link again of the same one goes on.
+            let mut written = home.written.lock().expect("written");
+            if written.0 != attach.epoch {
+                *written = (attach.epoch, None);
+            }
+        }
         loop {
             match reader.recv() {
-                Ok((protocol::STDOUT, data)) => {
-                    let _ = home.out.lock().expect("out").write_all(&data);
-                }
-                Ok((protocol::STDERR, data)) => {
-                    let _ = home.err.lock().expect("err").write_all(&data);
+                Ok((kind @ (protocol::STDOUT | protocol::STDERR), data)) if data.len() >= 8 => {
+                    let seq = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+                    let mut written = home.written.lock().expect("written");
+                    // A frame sent again after a broken link, already written: only acknowledge it.
+                    if written.1.is_none_or(|last| seq > last) {
+                        let target = if kind == protocol::STDOUT { &home.out } else { &home.err };
+                        let _ = target.lock().expect("output").write_all(&data[8..]);
+                        written.1 = Some(seq);
+                    }
+                    drop(written);
+                    let _ = writer.lock().expect("link").send(protocol::ACK, &seq.to_le_bytes());
                 }
                 Ok((protocol::EXIT, data)) => {
                     let code = serde_json::from_slice::<i32>(&data).unwrap_or(255);

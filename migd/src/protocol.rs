@@ -47,6 +47,10 @@ pub const MOVED: u8 = 18;
 pub const MOVE_FAILED: u8 = 19;
 /// Kill the job (from home): its deputy is gone.
 pub const KILL: u8 = 20;
+/// Output up to this sequence number is written out at home (from home): u64 little-endian. Output frames
+/// (`STDOUT`, `STDERR`) start with their own sequence number, so a node that links again after losing its
+/// link sends what was not acknowledged, and home skips what it already wrote.
+pub const ACK: u8 = 21;
 
 /// What the source says about the job it offers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
