@@ -129,8 +129,11 @@ struct LinkSlot {
     gone: AtomicBool,
     /// Output frames sent but not yet written out at home (sequence number, kind, payload): sent again on
     /// the next link if this one breaks, so no output is lost when home restarts.
-    unacked: Mutex<(u64, std::collections::VecDeque<(u64, u8, Vec<u8>)>)>,
+    unacked: Mutex<(u64, std::collections::VecDeque<OutputFrame>)>,
 }
+
+/// An output frame kept for sending again: sequence number, kind, payload.
+type OutputFrame = (u64, u8, Vec<u8>);
 
 impl LinkSlot {
     fn set(&self, writer: Option<Writer<TcpStream>>) {
@@ -168,7 +171,7 @@ impl LinkSlot {
 
     /// Sends the unacknowledged output again on a new link, then makes it the link.
     fn relink(&self, mut writer: Writer<TcpStream>) -> Result<(), crate::channel::ChannelError> {
-        let pending: Vec<(u64, u8, Vec<u8>)> = self.unacked.lock().expect("unacked").1.iter().cloned().collect();
+        let pending: Vec<OutputFrame> = self.unacked.lock().expect("unacked").1.iter().cloned().collect();
         for (_, kind, payload) in pending {
             writer.send(kind, &payload)?;
         }
