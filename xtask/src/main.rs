@@ -154,8 +154,23 @@ pub fn build_release() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Benchmarks measure optimized code: a debug xtask hands a `bench` command to a release build of itself.
+fn bench_in_release() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let status = cargo()
+        .args(["run", "--quiet", "--release", "--package", "xtask", "--"])
+        .args(&args)
+        .status()
+        .context("cannot run cargo")?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if cfg!(debug_assertions) && matches!(cli.command, Cmd::Bench { .. }) {
+        return bench_in_release();
+    }
+    match cli.command {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => {
             setup::run()?;
