@@ -154,6 +154,42 @@ pub fn build_release() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs every test of the workspace (no doc tests: the crates have none), passing the output through, and
+/// ends with one line counting them all.
+fn run_tests(args: &[String]) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let mut child = cargo()
+        .args(["test", "--workspace", "--no-fail-fast", "--lib", "--bins", "--tests"])
+        .arg("--")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run cargo")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufReader::new(child.stdout.take().context("no stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        // "test result: ok. 12 passed; 0 failed; 0 ignored; ..."
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+                let n: u64 = n.parse().unwrap_or(0);
+                match what {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    ensure!(status.success() && failed == 0, "tests failed ({status})");
+    ensure!(passed > 0, "no test ran");
+    Ok(())
+}
+
 /// Benchmarks measure optimized code: a debug xtask hands a `bench` command to a release build of itself.
 fn bench_in_release() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -175,14 +211,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             setup::run()?;
             build()?;
-            let status = cargo()
-                .args(["test", "--workspace", "--no-fail-fast"])
-                .arg("--")
-                .args(&args)
-                .status()
-                .context("cannot run cargo")?;
-            ensure!(status.success(), "tests failed ({status})");
-            Ok(())
+            run_tests(&args)
         }
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Cluster { command } => cluster(command),
