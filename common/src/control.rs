@@ -15,6 +15,24 @@ use serde::{Deserialize, Serialize};
 
 /// Environment variable naming migd's control socket; overrides the configuration (the test cluster sets it).
 pub const SOCKET_ENV: &str = "RMOSIX_MIGD_SOCKET";
+/// The signals a deputy forwards to its job, and the job's init to its program: what a user or a shell sends
+/// to a running program.
+pub const FORWARDED_SIGNALS: [nix::sys::signal::Signal; 10] = {
+    use nix::sys::signal::Signal;
+    [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGTSTP,
+        Signal::SIGCONT,
+        Signal::SIGWINCH,
+        Signal::SIGALRM,
+    ]
+};
+
 /// Largest frame accepted (an environment can be large, but not this large).
 pub const MAX_FRAME: usize = 4 << 20;
 

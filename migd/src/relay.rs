@@ -32,7 +32,21 @@ impl Sink for File {
 }
 
 /// Copies `source` into `sink` on a thread until `source` ends (EOF or error); returns the bytes moved.
-pub fn spawn(name: &str, source: OwnedFd, mut sink: impl Sink + 'static) -> JoinHandle<u64> {
+pub fn spawn(name: &str, source: OwnedFd, sink: impl Sink + 'static) -> JoinHandle<u64> {
+    start(name, source, sink, None)
+}
+
+/// Copies `source` into `sink` until `source` ends or `stop` is set (checked every 200 ms while idle).
+pub fn spawn_stoppable(
+    name: &str,
+    source: OwnedFd,
+    sink: impl Sink + 'static,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<u64> {
+    start(name, source, sink, Some(stop))
+}
+
+fn start(name: &str, source: OwnedFd, mut sink: impl Sink + 'static, stop: Option<Arc<AtomicBool>>) -> JoinHandle<u64> {
     std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
@@ -40,43 +54,16 @@ pub fn spawn(name: &str, source: OwnedFd, mut sink: impl Sink + 'static) -> Join
             let mut buf = vec![0u8; 64 * 1024];
             let mut moved = 0u64;
             loop {
-                match source.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if sink.put(&buf[..n]).is_err() {
-                            break;
-                        }
-                        moved += n as u64;
+                if let Some(stop) = &stop {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-            let _ = sink.end();
-            moved
-        })
-        .expect("spawn relay thread")
-}
-
-/// Copies `source` into `sink` until `source` ends or `stop` is set (checked every 200 ms while idle).
-pub fn spawn_stoppable(
-    name: &str,
-    source: OwnedFd,
-    mut sink: impl Sink + 'static,
-    stop: Arc<AtomicBool>,
-) -> JoinHandle<u64> {
-    std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            let mut source = File::from(source);
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut moved = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let mut fds = [PollFd::new(source.as_fd(), PollFlags::POLLIN)];
-                match poll(&mut fds, PollTimeout::from(200u8)) {
-                    Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-                    Ok(_) => {}
-                    Err(_) => break,
+                    let mut fds = [PollFd::new(source.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, PollTimeout::from(200u8)) {
+                        Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
                 }
                 match source.read(&mut buf) {
                     Ok(0) => break,

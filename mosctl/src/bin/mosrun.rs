@@ -65,19 +65,7 @@ struct Args {
     command: Vec<OsString>,
 }
 
-/// Signals the deputy forwards to the job.
-const FORWARDED: [Signal; 10] = [
-    Signal::SIGINT,
-    Signal::SIGTERM,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-    Signal::SIGTSTP,
-    Signal::SIGCONT,
-    Signal::SIGWINCH,
-    Signal::SIGALRM,
-];
+use rmosix_common::control::FORWARDED_SIGNALS as FORWARDED;
 
 fn main() -> ExitCode {
     let args = Args::parse();
