@@ -350,3 +350,34 @@ fn mosrun_starts_a_job_on_the_node_asked_and_the_deputy_says_when_that_node_dies
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the job was lost: node 2"), "{err}");
 }
+
+fn state(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(')').unwrap().1.trim_start().chars().next().unwrap()
+}
+
+#[test]
+fn ctrl_z_stops_a_job_away_and_its_deputy_and_fg_resumes_both() {
+    let c = cluster("mtstp", 2);
+    let mut child = mosrun(&c, 1).arg(job()).args(["spin", "100000", "2000000"]).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = collect(&mut child);
+    wait_lines(&lines, 3);
+    migrate(&c, child.id(), "2");
+    let deputy = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let remote = running(&c, 2, "rmx-job")[0];
+    nix::sys::signal::kill(deputy, nix::sys::signal::Signal::SIGTSTP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(remote) != 'T' || state(deputy.as_raw()) != 'T' {
+        assert!(Instant::now() < deadline, "job {} deputy {}", state(remote), state(deputy.as_raw()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Stopped: no output.
+    std::thread::sleep(Duration::from_millis(300));
+    let n = lines.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lines.lock().unwrap().len(), n);
+    nix::sys::signal::kill(deputy, nix::sys::signal::Signal::SIGCONT).unwrap();
+    wait_lines(&lines, n + 5);
+    nix::sys::signal::kill(deputy, nix::sys::signal::Signal::SIGINT).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+}

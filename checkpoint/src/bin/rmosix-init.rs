@@ -2,7 +2,8 @@
 //!
 //! The kernel gives a namespace's init no default signal actions, and makes it the parent of every orphan
 //! in the namespace. So the program does not run as PID 1 itself: this init runs it as PID 2, forwards to it
-//! every signal a user or the deputy may send (INT, TERM, HUP, QUIT, USR1, USR2, TSTP, CONT, WINCH, ALRM),
+//! every signal a user or the deputy may send (INT, TERM, HUP, QUIT, USR1, USR2, WINCH, ALRM; TSTP and CONT
+//! as stop and continue of every process of the job),
 //! reaps every child, and when the program ends, exits with its status (128+N if it died of signal N),
 //! which takes the rest of the namespace down with it.
 //!
@@ -71,9 +72,22 @@ fn main() -> ExitCode {
 
     loop {
         let Ok(sig) = waited.wait() else { continue };
-        if sig != Signal::SIGCHLD {
-            let _ = nix::sys::signal::kill(program, sig);
-            continue;
+        match sig {
+            Signal::SIGCHLD => {}
+            // The job's process group has no parent in its session (it is orphaned), so the kernel would
+            // discard a SIGTSTP: stop and continue every process of the namespace instead (-1: all but us).
+            Signal::SIGTSTP => {
+                let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGSTOP);
+                continue;
+            }
+            Signal::SIGCONT => {
+                let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGCONT);
+                continue;
+            }
+            _ => {
+                let _ = nix::sys::signal::kill(program, sig);
+                continue;
+            }
         }
         if let Some(code) = reap(program) {
             return ExitCode::from(code);
