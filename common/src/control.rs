@@ -105,6 +105,8 @@ pub enum Request {
     Migrate { home_pid: i32, target: Target },
     /// A deputy whose migd restarted takes up its job again; its stdin, stdout and stderr come along again.
     Reattach,
+    /// How many guest jobs (homed elsewhere) run on this node: infod advertises it.
+    Guests,
 }
 
 /// Why migd refused.
@@ -137,6 +139,19 @@ pub enum Response {
     Moved { home_pid: i32, from: u32, to: u32, seconds: f64, frozen: f64 },
     /// A request was refused.
     Refused { why: Refusal, message: String },
+    /// The number of guest jobs running here.
+    Guests { count: u32 },
+}
+
+/// Asks the migd at `socket` how many guest jobs run on its node; `None` when it does not answer in time.
+pub fn ask_guests(socket: &std::path::Path) -> Option<u32> {
+    let mut stream = UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(std::time::Duration::from_millis(200))).ok()?;
+    send(&mut stream, &Request::Guests).ok()?;
+    match recv::<Response>(&mut stream).ok()? {
+        Response::Guests { count } => Some(count),
+        _ => None,
+    }
 }
 
 /// A broken control connection.

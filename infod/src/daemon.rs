@@ -79,6 +79,8 @@ struct Meter {
     samples: Vec<f64>,
     per_interval: usize,
     vector: LoadVector,
+    /// migd's control socket, asked for the number of guest jobs.
+    migd_socket: PathBuf,
 }
 
 impl Meter {
@@ -91,6 +93,8 @@ impl Meter {
             decay: Decay::new(&settings.config.load),
             samples: Vec::new(),
             per_interval: settings.config.load.samples_per_interval as usize,
+            migd_socket: std::env::var_os(rmosix_common::control::SOCKET_ENV)
+                .map_or_else(|| settings.config.migd.socket.clone(), PathBuf::from),
             vector: LoadVector {
                 node: settings.me.0,
                 cpus: 1,
@@ -128,6 +132,8 @@ impl Meter {
             Ok((free, total)) => (v.mem_free, v.mem_total) = (free, total),
             Err(e) => warn!(error = %e, "cannot read the memory"),
         }
+        // Guest jobs are migd's to count; without migd there are none.
+        v.guests = rmosix_common::control::ask_guests(&self.migd_socket).unwrap_or(0);
         v.seq += 1;
         Some(v.clone())
     }

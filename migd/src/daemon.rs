@@ -464,6 +464,12 @@ impl Daemon {
                 let _ = control::send(&mut stream, &response);
             }
             Request::Reattach => self.reattach(stream, peer, fds),
+            Request::Guests => {
+                let me = self.me().0;
+                let count = self.runners.lock().expect("runners").keys().filter(|(home, _)| *home != me).count();
+                let count = u32::try_from(count).unwrap_or(u32::MAX);
+                let _ = control::send(&mut stream, &Response::Guests { count });
+            }
             Request::Signal { .. } => refuse(&mut stream, Refusal::BadRequest, "signal outside a run session"),
         }
     }

@@ -189,6 +189,11 @@ fn a_job_moves_to_node_2_then_3_then_home_and_its_output_is_whole() {
     assert!(said.starts_with(&format!("moved {pid} from node 1 to node 2 in ")), "{said}");
     assert_eq!(running(&c, 1, "rmx-job").len(), 0, "no copy left at home");
     assert_eq!(running(&c, 2, "rmx-job").len(), 1, "one copy on node 2");
+    // Node 2 advertises its guest, and node 1 hears of it.
+    c.wait_for_nodes(&[1], Duration::from_secs(15), "node 1 sees a guest on node 2", |_, v| {
+        v.nodes.iter().any(|n| n.id == 2 && n.guests == Some(1))
+    })
+    .unwrap();
     let n = lines.lock().unwrap().len();
     wait_lines(&lines, n + 20);
     let said = migrate(&c, pid, "3");
