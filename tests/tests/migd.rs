@@ -386,3 +386,44 @@ fn ctrl_z_stops_a_job_away_and_its_deputy_and_fg_resumes_both() {
     nix::sys::signal::kill(deputy, nix::sys::signal::Signal::SIGINT).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(130));
 }
+
+#[test]
+fn a_node_that_blocks_guests_refuses_a_job_which_runs_on_at_home() {
+    let c = cluster("mblock", 2);
+    let config = c.config(2);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[policy]\nblock_guests = true\n");
+    std::fs::write(&config, text).unwrap();
+    c.kill_daemon(2, "migd").unwrap();
+    c.start_migd(2).unwrap();
+
+    let args = ["spin", "300", "2000000"];
+    let mut child = mosrun(&c, 1).arg(job()).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = collect(&mut child);
+    wait_lines(&lines, 10);
+    let out = c.command(1, "migrate").unwrap().args([child.id().to_string().as_str(), "2"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TargetBlocksGuests") && err.contains("node 2 blocks guests"), "{err}");
+    // The job ran on at home, whole.
+    assert_eq!(running(&c, 1, "rmx-job").len(), 1);
+    assert!(child.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lines.lock().unwrap().join("\n") + "\n", reference(&args));
+}
+
+#[test]
+fn a_job_holding_a_tcp_socket_is_refused_with_the_reason_and_runs_on() {
+    let c = cluster("mtcp", 2);
+    let args = ["tcp", "300", "2000000"];
+    let mut child = mosrun(&c, 1).arg(job()).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = collect(&mut child);
+    wait_lines(&lines, 5);
+    let out = c.command(1, "migrate").unwrap().args([child.id().to_string().as_str(), "2"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NotMigratable") && err.contains("TCP socket") && err.contains("127.0.0.1:"), "{err}");
+    assert!(child.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lines.lock().unwrap().join("\n") + "\n", reference(&args));
+}
