@@ -12,18 +12,20 @@
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::path::{Path, PathBuf};
+use std::io::Write as _;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use clap::Args;
-use rmosix_checkpoint::criu::{Criu, DEFAULT_CRIU};
+use rmosix_checkpoint::criu::Criu;
 use rmosix_checkpoint::images::{DEFAULT_STORE, ImageDir, prepare_store};
 use rmosix_checkpoint::job::{Job, JobSpec, placement};
 use rmosix_checkpoint::transfer;
-use rmosix_testcluster::{Cluster, Spec};
+use rmosix_testcluster::Cluster;
+
+use crate::benchmarks::{lines, move_cluster, until_filled};
 
 /// Options of `cargo xtask bench checkpoint`.
 #[derive(Debug, Args)]
@@ -68,25 +70,17 @@ fn median<T: Copy>(mut v: Vec<T>, key: impl Fn(&T) -> Duration) -> T {
 }
 
 /// Runs the benchmark.
-#[expect(clippy::too_many_lines, reason = "one table-producing sequence, clearer in one piece")]
 pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
     ensure!(args.runs >= 1, "--runs must be at least 1");
     crate::setup::run()?;
     crate::build_release()?;
     let bins = crate::release_bin_dir();
-    let criu_path = std::env::var_os("RMOSIX_CRIU").map_or_else(|| PathBuf::from(DEFAULT_CRIU), PathBuf::from);
+    let criu_path = rmosix_testcluster::criu_path();
     let criu = Criu::new(&criu_path, "/dev/shm/rmosix-bench-logs")?;
     let store = Path::new(DEFAULT_STORE);
     prepare_store(store)?;
     criu.check()?;
-    // Orphans of `criu restore -d` come to us, so we can reap them.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-
-    let biggest = args.sizes.iter().copied().max().unwrap_or(0);
-    let mut spec = Spec::new("benchc", 2, bins.clone());
-    spec.mem_limit = (biggest * 3 + 1024) << 20;
-    let cluster = Cluster::up(spec)?;
+    let cluster = move_cluster("benchc", args.sizes.iter().copied().max().unwrap_or(0), &bins)?;
     let mut rows = Vec::new();
     for &size in &args.sizes {
         let reference = reference_output(&bins, size)?;
@@ -242,18 +236,6 @@ fn wait_for_line(path: &Path, prefix: &str) -> anyhow::Result<()> {
     bail!("{} never printed {prefix:?}", path.display())
 }
 
-fn lines(fd: std::os::fd::OwnedFd) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(File::from(fd)).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
     let ns = File::open(Path::new("/run/netns").join(netns))?;
     std::thread::scope(|s| {
@@ -285,16 +267,8 @@ fn migrate_once(
         umask: 0o022,
     };
     let (job, stdio) = Job::spawn(&spec, &node(1)?)?;
-    let rx = lines(stdio.stdout);
-    let mut seen = Vec::new();
-    loop {
-        let line = rx.recv_timeout(Duration::from_mins(2)).context("the job stopped talking")?;
-        let filled = line.starts_with("filled");
-        seen.push(line);
-        if filled {
-            break;
-        }
-    }
+    let rx = lines(File::from(stdio.stdout));
+    let mut seen = until_filled(&rx)?;
     let source = ImageDir::create(store)?;
     let dest = ImageDir::create(store)?;
     let listener = in_netns(&cluster.netns(2), || Ok(std::net::TcpListener::bind((cluster.addr(2), 0))?))?;
@@ -326,7 +300,7 @@ fn migrate_once(
     drop((source, dest));
 
     seen.extend(rx.iter());
-    seen.extend(lines(stdio2.stdout).iter());
+    seen.extend(lines(File::from(stdio2.stdout)).iter());
     ensure!(restored.wait()? == 0, "the moved job failed");
     ensure!(seen == reference, "the moved job's output differs from an unmoved run's ({} lines vs {})", seen.len(), reference.len());
     Ok(Ours {

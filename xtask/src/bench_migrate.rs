@@ -7,15 +7,15 @@
 //! job runs to its end at the deputy, and its output is checked against an unmoved run.
 
 use std::fmt::Write as _;
-use std::io::BufRead as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use clap::Args;
-use rmosix_checkpoint::criu::DEFAULT_CRIU;
-use rmosix_testcluster::{Cluster, Spec};
+use rmosix_testcluster::Cluster;
+
+use crate::benchmarks::{lines, move_cluster, until_filled};
 
 use crate::bench_checkpoint::{PLAIN_TMPFS, baseline, job_args, reference_output};
 
@@ -49,13 +49,8 @@ pub fn run(args: &MigrateBenchArgs) -> anyhow::Result<()> {
     crate::setup::run()?;
     crate::build_release()?;
     let bins = crate::release_bin_dir();
-    let criu = std::env::var_os("RMOSIX_CRIU").map_or_else(|| PathBuf::from(DEFAULT_CRIU), PathBuf::from);
-    // SAFETY: prctl with integer arguments; orphans of `criu restore -d` come to us to be reaped.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let biggest = args.sizes.iter().copied().max().unwrap_or(0);
-    let mut spec = Spec::new("benchm", 2, bins.clone());
-    spec.mem_limit = (biggest * 3 + 1024) << 20;
-    let cluster = Cluster::up(spec)?;
+    let criu = rmosix_testcluster::criu_path();
+    let cluster = move_cluster("benchm", args.sizes.iter().copied().max().unwrap_or(0), &bins)?;
     let mut rows = Vec::new();
     for &size in &args.sizes {
         let reference = reference_output(&bins, size)?;
@@ -134,24 +129,8 @@ fn migrate_once(cluster: &Cluster, bins: &Path, size: u64, reference: &[String])
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot start mosrun")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = std::io::BufReader::new(deputy.stdout.take().context("no stdout")?);
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    loop {
-        let line = rx.recv_timeout(Duration::from_mins(2)).context("the job stopped talking")?;
-        let filled = line.starts_with("filled");
-        seen.push(line);
-        if filled {
-            break;
-        }
-    }
+    let rx = lines(deputy.stdout.take().context("no stdout")?);
+    let mut seen = until_filled(&rx)?;
     let start = Instant::now();
     let said = cluster.command(1, "migrate")?.args([deputy.id().to_string().as_str(), "2"]).output()?;
     let total = start.elapsed();

@@ -28,6 +28,43 @@ fn replace_section(old: &str, name: &str, title: &str, body: &str) -> String {
     }
 }
 
+/// A program's output lines, read on a thread and handed over as they come.
+pub fn lines(source: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead as _;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(source).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Lines of `rmx-job mem` up to its `filled` line: its memory is resident, it is worth moving now.
+pub fn until_filled(rx: &std::sync::mpsc::Receiver<String>) -> anyhow::Result<Vec<String>> {
+    let mut seen = Vec::new();
+    loop {
+        let line = rx.recv_timeout(std::time::Duration::from_mins(2)).context("the job stopped talking")?;
+        let filled = line.starts_with("filled");
+        seen.push(line);
+        if filled {
+            return Ok(seen);
+        }
+    }
+}
+
+/// A 2-node local cluster with room for jobs of up to `biggest` MiB, their images and their copies, for the
+/// move benchmarks; this process becomes the reaper of the orphans `criu restore -d` leaves.
+pub fn move_cluster(name: &str, biggest: u64, bins: &std::path::Path) -> anyhow::Result<rmosix_testcluster::Cluster> {
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let mut spec = rmosix_testcluster::Spec::new(name, 2, bins.to_owned());
+    spec.mem_limit = (biggest * 3 + 1024) << 20;
+    rmosix_testcluster::Cluster::up(spec)
+}
+
 /// One line naming the machine a benchmark ran on.
 pub fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);

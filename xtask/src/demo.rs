@@ -101,7 +101,6 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 /// A job started with mosrun on node 1 travels to node 2, node 3 and home while it runs; its deputy gets all
 /// of its output.
 fn migration(cluster: &Cluster, start: Instant) -> anyhow::Result<()> {
-    use std::io::BufRead as _;
     let job = crate::bin_dir().join("rmx-job");
     let args = ["spin", "400", "3000000"];
     // What an unmoved run prints, computed meanwhile.
@@ -112,15 +111,7 @@ fn migration(cluster: &Cluster, start: Instant) -> anyhow::Result<()> {
     step(start, "mosrun on node 1: a CPU-bound job printing 400 steps and a checksum");
     let mut deputy = cluster.command(1, "mosrun")?.arg(&job).args(args).stdout(Stdio::piped()).spawn()?;
     let pid = deputy.id().to_string();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = std::io::BufReader::new(deputy.stdout.take().context("no stdout")?);
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = crate::benchmarks::lines(deputy.stdout.take().context("no stdout")?);
     let mut seen: Vec<String> = Vec::new();
     for target in ["2", "3", "home"] {
         for _ in 0..60 {
