@@ -78,27 +78,31 @@ pub struct RunOptions {
     pub mem_mb: Option<u64>,
 }
 
+/// What `mosrun` asks migd to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// The program, as bytes (file names need not be UTF-8).
+    pub program: Vec<u8>,
+    /// Its arguments, without the program name.
+    pub args: Vec<Vec<u8>>,
+    /// The whole environment, `NAME=value`.
+    pub env: Vec<Vec<u8>>,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// File mode creation mask.
+    pub umask: u32,
+    /// Where to start.
+    pub place: Where,
+    /// How it may move.
+    pub options: RunOptions,
+}
+
 /// A request to migd.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Start a job; the deputy's stdin, stdout and stderr come with this message.
-    Run {
-        /// The program, as bytes (file names need not be UTF-8).
-        program: Vec<u8>,
-        /// Its arguments, without the program name.
-        args: Vec<Vec<u8>>,
-        /// The whole environment, `NAME=value`.
-        env: Vec<Vec<u8>>,
-        /// Working directory.
-        cwd: PathBuf,
-        /// File mode creation mask.
-        umask: u32,
-        /// Where to start.
-        place: Where,
-        /// How it may move.
-        options: RunOptions,
-    },
+    Run(Run),
     /// During a `Run` session: forward a signal to the job.
     Signal { signo: i32 },
     /// Move a job (by home PID).

@@ -30,7 +30,7 @@ use rmosix_checkpoint::images::{ImageDir, prepare_store};
 use rmosix_checkpoint::job::{Credentials, Job, JobError, JobSpec};
 use rmosix_checkpoint::{migratable, transfer};
 use rmosix_common::NodeId;
-use rmosix_common::control::{self, ControlError, Refusal, Request, Response, Target, Where};
+use rmosix_common::control::{self, ControlError, Refusal, Request, Response, Run, Target, Where};
 use rmosix_common::node::Settings;
 use rmosix_common::query;
 use tracing::{info, warn};
@@ -38,7 +38,7 @@ use tracing::{info, warn};
 use crate::channel::blocking::{Channel, Reader, Writer};
 use crate::protocol::{self, Attach, Moved, Offer, Verdict};
 use crate::records::{JobRecord, JobState, RecordStore, RecordsError};
-use crate::relay::{self, PipeSink, Sink, Switch};
+use crate::relay::{self, SharedPipe, Sink, Switch};
 
 /// migd could not start.
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +248,7 @@ struct Runner {
     command: Vec<String>,
     job: Arc<Job>,
     /// Write end of the job's stdin pipe, while open.
-    stdin: Arc<Mutex<Option<File>>>,
+    stdin: Arc<Mutex<Option<Arc<File>>>>,
     /// Set just before the copy here is killed because it runs elsewhere now.
     moving: AtomicBool,
     /// The relays of the job's stdout and stderr.
@@ -443,17 +443,7 @@ impl Daemon {
             }
         };
         match request {
-            Request::Run { program, args, env, cwd, umask, place, options } => {
-                let run = RunRequest {
-                    program,
-                    args,
-                    env,
-                    cwd,
-                    umask,
-                    place,
-                    stay_home: options.stay_home,
-                    mem_bytes: options.mem_mb.unwrap_or(0).saturating_mul(1 << 20),
-                };
+            Request::Run(run) => {
                 self.run(stream, peer, run, fds);
             }
             Request::Migrate { home_pid, target } => {
@@ -477,7 +467,7 @@ impl Daemon {
     // ---- the home side: deputies -------------------------------------------------------------------------
 
     #[expect(clippy::needless_pass_by_value, reason = "the session owns its connection and request")]
-    fn run(self: &Arc<Self>, mut stream: UnixStream, peer: Peer, req: RunRequest, fds: Vec<OwnedFd>) {
+    fn run(self: &Arc<Self>, mut stream: UnixStream, peer: Peer, req: Run, fds: Vec<OwnedFd>) {
         let Ok([stdin, stdout, stderr]) = <[OwnedFd; 3]>::try_from(fds) else {
             refuse(&mut stream, Refusal::BadRequest, "a run request must carry stdin, stdout and stderr");
             return;
@@ -489,7 +479,7 @@ impl Daemon {
                 return;
             }
             Where::Node(n) => n,
-            Where::Best => self.best_node(None, req.mem_bytes),
+            Where::Best => self.best_node(None, req.options.mem_mb.unwrap_or(0).saturating_mul(1 << 20)),
         };
         let credentials = match credentials(peer) {
             Ok(c) => c,
@@ -545,12 +535,12 @@ impl Daemon {
             refuse(&mut stream, Refusal::Busy, e.to_string());
             return;
         }
-        let Some(home) = self.new_home(home_pid, req.stay_home, 0, stdout, stderr, &stream) else {
+        let Some(home) = self.new_home(home_pid, req.options.stay_home, 0, stdout, stderr, &stream) else {
             let _ = job.signal(Signal::SIGKILL);
             refuse(&mut stream, Refusal::Failed, "cannot duplicate the deputy's descriptors");
             return;
         };
-        info!(home_pid, uid = peer.uid, pid = job.pid(), command = ?command, stay_home = req.stay_home, "job started");
+        info!(home_pid, uid = peer.uid, pid = job.pid(), command = ?command, stay_home = req.options.stay_home, "job started");
         let runner = Arc::new(Runner {
             home_node: self.me().0,
             home_pid,
@@ -558,7 +548,7 @@ impl Daemon {
             gid: peer.gid,
             command,
             job,
-            stdin: Arc::new(Mutex::new(Some(File::from(pipes.stdin)))),
+            stdin: Arc::new(Mutex::new(Some(Arc::new(File::from(pipes.stdin))))),
             moving: AtomicBool::new(false),
             outputs: Mutex::new(Vec::new()),
             epoch: 0,
@@ -1040,7 +1030,7 @@ impl Daemon {
             gid: offer.gid,
             command: offer.command.clone(),
             job: Arc::new(job),
-            stdin: Arc::new(Mutex::new(Some(File::from(pipes.stdin)))),
+            stdin: Arc::new(Mutex::new(Some(Arc::new(File::from(pipes.stdin))))),
             moving: AtomicBool::new(false),
             outputs: Mutex::new(Vec::new()),
             epoch: offer.epoch,
@@ -1115,9 +1105,7 @@ impl Daemon {
             }
             match message {
                 Ok((protocol::STDIN, data)) => {
-                    if let Some(f) = runner.stdin.lock().expect("stdin").as_mut() {
-                        let _ = f.write_all(&data);
-                    }
+                    let _ = SharedPipe(Arc::clone(&runner.stdin)).put(&data);
                 }
                 Ok((protocol::STDIN_EOF, _)) => *runner.stdin.lock().expect("stdin") = None,
                 Ok((protocol::SIGNAL, data)) => {
@@ -1303,20 +1291,6 @@ impl HomeJob {
     }
 }
 
-/// A job's stdin pipe shared between its runner and the relay feeding it.
-struct SharedPipe(Arc<Mutex<Option<File>>>);
-
-impl Sink for SharedPipe {
-    fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
-        PipeSink(self.0.lock().expect("stdin").as_ref().and_then(|f| f.try_clone().ok())).put(data)
-    }
-
-    fn end(&mut self) -> std::io::Result<()> {
-        *self.0.lock().expect("stdin") = None;
-        Ok(())
-    }
-}
-
 /// Every process of the job runs as `uid`.
 fn check_owner(root: i32, uid: u32) -> Result<(), String> {
     let pids = migratable::job_processes(root).map_err(|e| e.to_string())?;
@@ -1334,19 +1308,6 @@ fn check_owner(root: i32, uid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// What a `Run` request asks for.
-#[derive(Debug)]
-struct RunRequest {
-    program: Vec<u8>,
-    args: Vec<Vec<u8>>,
-    env: Vec<Vec<u8>>,
-    cwd: PathBuf,
-    umask: u32,
-    place: Where,
-    stay_home: bool,
-    /// Memory the job will need (`mosrun -m`), for choosing its node.
-    mem_bytes: u64,
-}
 
 /// The deputy's identity: its uid, gid and the groups of that user.
 fn credentials(peer: Peer) -> nix::Result<Credentials> {

@@ -123,20 +123,23 @@ impl Sink for Switch {
     }
 }
 
-/// The write end of a job's stdin pipe as a sink: closing it tells the job its input ended.
-#[derive(Debug)]
-pub struct PipeSink(pub Option<File>);
+/// The write end of a job's stdin pipe, shared between the job's runner (which closes it when the input
+/// ends or the job moves) and the relay feeding it.
+#[derive(Debug, Clone)]
+pub struct SharedPipe(pub Arc<std::sync::Mutex<Option<Arc<File>>>>);
 
-impl Sink for PipeSink {
+impl Sink for SharedPipe {
     fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
-        match &mut self.0 {
-            Some(f) => f.write_all(data),
+        // Written outside the lock: a job that does not read its input must not block whoever closes it.
+        let pipe = self.0.lock().expect("stdin").clone();
+        match pipe {
+            Some(f) => (&*f).write_all(data),
             None => Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
         }
     }
 
     fn end(&mut self) -> std::io::Result<()> {
-        self.0 = None;
+        *self.0.lock().expect("stdin") = None;
         Ok(())
     }
 }
@@ -163,7 +166,7 @@ mod tests {
     fn a_stoppable_relay_stops_while_its_source_is_silent() {
         let (r, _w) = std::io::pipe().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let handle = spawn_stoppable("test", OwnedFd::from(r), PipeSink(None), stop.clone());
+        let handle = spawn_stoppable("test", OwnedFd::from(r), SharedPipe(Arc::default()), stop.clone());
         stop.store(true, Ordering::Relaxed);
         assert_eq!(handle.join().unwrap(), 0);
     }

@@ -19,7 +19,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use rmosix_common::config::Config;
-use rmosix_common::control::{self, Hint, Request, Response, RunOptions, SOCKET_ENV, Where};
+use rmosix_common::control::{self, Hint, Request, Response, Run, RunOptions, SOCKET_ENV, Where};
 use rmosix_common::map::ClusterMap;
 
 /// Run a program as a migratable job; mosrun stays as its deputy (stdio, signals, exit status).
@@ -109,7 +109,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
     };
     let mut command = args.command.into_iter();
     let program = command.next().expect("clap requires a program").into_vec();
-    let request = Request::Run {
+    let request = Request::Run(Run {
         program,
         args: command.map(OsString::into_vec).collect(),
         env: std::env::vars_os()
@@ -135,7 +135,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             },
             mem_mb: args.mem,
         },
-    };
+    });
     // Block the forwarded signals before any thread exists, so one thread can take them all with sigwait.
     let mut forwarded = SigSet::empty();
     for sig in FORWARDED {
