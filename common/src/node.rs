@@ -48,6 +48,22 @@ impl Settings {
     }
 }
 
+/// Binds a daemon's local socket at `path` for every local user (mode 0666: the daemon decides per request
+/// what a caller may do). A socket file left by a crashed daemon is replaced; one a live daemon still answers
+/// on is an error.
+pub fn bind_local_socket(path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another daemon is answering on this socket"));
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    Ok(listener)
+}
+
 /// The first map node whose address this host can bind: that is us.
 pub fn local_node(map: &ClusterMap) -> Option<NodeId> {
     map.nodes().find(|n| std::net::UdpSocket::bind((n.addr, 0)).is_ok()).map(|n| n.id)

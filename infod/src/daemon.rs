@@ -221,23 +221,12 @@ pub async fn run(
     Ok(())
 }
 
-fn listen_unix(path: &PathBuf) -> Result<UnixListener, StartError> {
-    let err = |source| StartError::BindUnix { path: path.clone(), source };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    // A socket file left by a crashed infod would make bind fail; a live infod still answers on it.
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(err(std::io::Error::new(
-            std::io::ErrorKind::AddrInUse,
-            "another infod is answering on this socket",
-        )));
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(err)?;
+fn listen_unix(path: &std::path::Path) -> Result<UnixListener, StartError> {
+    let err = |source| StartError::BindUnix { path: path.to_owned(), source };
     // Queries only read the cluster view: every local user may ask.
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).map_err(err)?;
-    Ok(listener)
+    let listener = rmosix_common::node::bind_local_socket(path).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    UnixListener::from_std(listener).map_err(err)
 }
 
 /// Answers the requests of one local client, one JSON line each.

@@ -17,7 +17,7 @@ use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStringExt as _;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -409,16 +409,8 @@ impl Daemon {
     fn serve_control(self: &Arc<Self>) -> Result<(), StartError> {
         let path = self.settings.config.migd.socket.clone();
         let listen = |source| StartError::Listen { what: path.display().to_string(), source };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(listen)?;
-        }
-        if UnixStream::connect(&path).is_ok() {
-            return Err(listen(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another migd answers there")));
-        }
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(listen)?;
         // Everyone may connect; what they may do is decided per request from their credentials.
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).map_err(listen)?;
+        let listener = rmosix_common::node::bind_local_socket(&path).map_err(listen)?;
         info!(node = %self.me(), socket = %path.display(), "migd control socket ready");
         for stream in listener.incoming() {
             match stream {
