@@ -154,6 +154,12 @@ impl Job {
             argv.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
         let envp_ptrs: Vec<*const libc::c_char> =
             envp.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+        let init_file = std::fs::File::open(&spec.init).map_err(|e| JobError::Spawn {
+            program: spec.program.clone(),
+            what: "open rmosix-init",
+            source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        let init_fd = init_file.as_raw_fd();
         let pipes = pipes()?;
         let job_fds: [RawFd; 3] = [pipes.job[0].as_raw_fd(), pipes.job[1].as_raw_fd(), pipes.job[2].as_raw_fd()];
         let netns = placement.netns.as_ref().map(AsRawFd::as_raw_fd);
@@ -196,7 +202,9 @@ impl Job {
                 if libc::chdir(cwd.as_ptr()) != 0 {
                     return 125;
                 }
-                libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
+                // Through the descriptor opened before the identity changed: the owner needs to be able to
+                // run rmosix-init, not to reach the directory it is installed in.
+                libc::fexecve(init_fd, argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
                 126
             }
         };
