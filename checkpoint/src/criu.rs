@@ -99,6 +99,19 @@ pub struct Placement {
     pub cgroup_procs: Vec<File>,
 }
 
+/// The owner of a job that is not root's: CRIU dumps such a job with the owner's uid and gid.
+///
+/// Reading another process's resource limits (`prlimit`) needs `CAP_SYS_RESOURCE` unless the reader's real
+/// uid and gid are the target's, and root may lack that capability (in containers and on some VMs, such as
+/// ours). So criu dumps an ordinary user's job as that user, keeping root's other capabilities as ambient
+/// ones and saying so with CRIU's `unprivileged` option, which is CRIU's own mode for a criu that is not
+/// uid 0. The owner can neither trace it (its capabilities are not theirs) nor read its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// What a dump needs.
 #[derive(Debug)]
 pub struct DumpRequest<'a> {
@@ -113,6 +126,8 @@ pub struct DumpRequest<'a> {
     /// Where criu runs: it must share the job's network namespace, or it would try to dump (and lock) that
     /// namespace too.
     pub placement: &'a Placement,
+    /// Whose job it is, when not root's: criu then runs as the owner (see [`Owner`]).
+    pub owner: Option<Owner>,
 }
 
 /// What a restore needs.
@@ -204,11 +219,16 @@ impl Criu {
         // The job lands in the cgroups of the node that restores it, not of the node it came from.
         opts.set_manage_cgroups_mode(Criu_cg_mode::IGNORE);
         opts.external.clone_from(&req.external);
+        external_mounts(&mut opts);
+        let owner = req.owner.filter(|o| o.uid != 0);
+        if owner.is_some() {
+            opts.set_unprivileged(true);
+        }
         let mut msg = Criu_req::new();
         msg.set_type(Criu_req_type::DUMP);
         msg.opts = MessageField::some(opts);
         let keep = [req.images_dir.as_raw_fd(), work.as_raw_fd()];
-        let resp = self.call(&msg, &keep, req.placement)?;
+        let resp = self.call_as(&msg, &keep, req.placement, owner)?;
         Self::finish("dump", req.pid, &resp, &log).map(|_| ())
     }
 
@@ -225,6 +245,9 @@ impl Criu {
         opts.set_leave_stopped(req.leave_stopped);
         opts.set_file_locks(true);
         opts.set_manage_cgroups_mode(Criu_cg_mode::IGNORE);
+        external_mounts(&mut opts);
+        // The job's mount namespace is rebuilt from the restoring node's own tree.
+        opts.set_root("/".to_owned());
         let mut keep = vec![req.images_dir.as_raw_fd(), work.as_raw_fd()];
         for (key, fd) in &req.inherit {
             let mut i = Inherit_fd::new();
@@ -272,6 +295,17 @@ impl Criu {
     /// Runs one request through a fresh `criu swrk`; `keep` are descriptors (of ours, close-on-exec) the
     /// criu process must inherit under the same numbers.
     fn call(&self, req: &Criu_req, keep: &[RawFd], placement: &Placement) -> Result<Criu_resp, CriuError> {
+        self.call_as(req, keep, placement, None)
+    }
+
+    /// [`Criu::call`], with criu running as `owner` (with this process's capabilities) when given.
+    fn call_as(
+        &self,
+        req: &Criu_req,
+        keep: &[RawFd],
+        placement: &Placement,
+        owner: Option<Owner>,
+    ) -> Result<Criu_resp, CriuError> {
         let (ours, theirs) =
             socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
                 .map_err(|e| self.io(e.into()))?;
@@ -299,6 +333,9 @@ impl Criu {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                if let Some(owner) = owner {
+                    become_keeping_capabilities(owner)?;
+                }
                 Ok(())
             });
         }
@@ -319,6 +356,67 @@ impl Criu {
         }
         Ok(resp)
     }
+}
+
+/// The job's mount namespace is a copy of its node's (see [`crate::job`]): every mount in it that is a mount
+/// of criu's own namespace is external, dumped as a reference and bound from the same path at restore; the
+/// job's mounts are slaves of the node's, which CRIU accepts only when told (`ext_masters`).
+fn external_mounts(opts: &mut Criu_opts) {
+    opts.set_auto_ext_mnt(true);
+    opts.set_ext_masters(true);
+}
+
+/// In a child about to exec criu: takes `owner`'s uid and gid (and no supplementary groups) and keeps every
+/// capability this process has, as ambient capabilities that survive the exec of a program without file
+/// capabilities. Only async-signal-safe system calls.
+fn become_keeping_capabilities(owner: Owner) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let fail = || Err(std::io::Error::last_os_error());
+    // SAFETY: system calls on local structures.
+    unsafe {
+        // Keep the permitted set across the change of uid.
+        if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
+            return fail();
+        }
+        let gid = owner.gid;
+        if libc::setgroups(1, &raw const gid) != 0
+            || libc::setresgid(gid, gid, gid) != 0
+            || libc::setresuid(owner.uid, owner.uid, owner.uid) != 0
+        {
+            return fail();
+        }
+        let mut header = Header { version: VERSION_3, pid: 0 };
+        let mut data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+        if libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) != 0 {
+            return fail();
+        }
+        for d in &mut data {
+            d.effective = d.permitted;
+            d.inheritable = d.permitted;
+        }
+        if libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) != 0 {
+            return fail();
+        }
+        for cap in 0..64u32 {
+            let (word, bit) = ((cap / 32) as usize, cap % 32);
+            if data[word].permitted & (1 << bit) != 0 {
+                libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, libc::c_ulong::from(cap), 0, 0);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sends one request and reads one answer on a SEQPACKET socket.

@@ -35,6 +35,10 @@ pub const DEFAULT_STORE: &str = "/run/rmosix/images";
 
 /// Makes `path` a tmpfs for image sets, unless it already is one: creates the directory (0700) and mounts a
 /// tmpfs with transparent huge pages there. Needs root (`CAP_SYS_ADMIN`) when it has to mount.
+/// The source name of the tmpfs migd mounts as its image store: how a job's start recognises image stores
+/// to leave out of its mounts, and how migd recognises a store it mounted before.
+pub const STORE_SOURCE: &str = "rmosix-images";
+
 pub fn prepare_store(path: &Path) -> Result<(), ImagesError> {
     let base = |source| ImagesError::Base { path: path.to_owned(), source };
     DirBuilder::new().recursive(true).mode(PRIVATE_MODE).create(path).map_err(base)?;
@@ -43,7 +47,7 @@ pub fn prepare_store(path: &Path) -> Result<(), ImagesError> {
         return Ok(());
     }
     nix::mount::mount(
-        Some("rmosix-images"),
+        Some(STORE_SOURCE),
         path,
         Some("tmpfs"),
         nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,

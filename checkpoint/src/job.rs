@@ -5,6 +5,16 @@
 //! namespace is dumped, the restored tree gets a fresh namespace on the destination and keeps its inner PIDs,
 //! so they never collide with the destination's processes.
 //!
+//! A job also has a mount namespace of its own, a copy of its node's taken at start, in which `/proc` is a proc
+//! of the job's PID namespace. Two reasons. CRIU's parasite, which runs inside the job's init with the owner's
+//! credentials, needs `/proc/self` to name the init itself (1); when it does not, it mounts a proc of its own,
+//! which only root may do, so the jobs of ordinary users could not be dumped at all. And a program that reads
+//! `/proc/<its getpid()>` must find itself, not a process of the host that happens to have that number. The
+//! node's mounts in the job's namespace are slaves of the node's (mounts made on the node later still reach
+//! the job) and are declared external to CRIU: nothing of them is dumped, and the destination's restore binds
+//! its own mounts at the same paths. Mounts the job must not carry along (namespace handles, migd's image
+//! store) are detached from the copy at start.
+//!
 //! The job's stdin, stdout and stderr are pipes whose other ends the supervisor (the caller) holds. At dump
 //! they are declared external, and at restore new pipes take their place, so output keeps flowing after a
 //! move. The inodes of the pipes a job holds are written beside its images, since the restore needs them.
@@ -12,14 +22,14 @@
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd as _, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use crate::criu::{Criu, CriuError, DumpRequest, Placement, RestoreRequest};
+use crate::criu::{Criu, CriuError, DumpRequest, Owner, Placement, RestoreRequest};
 use crate::images::ImageDir;
 use crate::migratable;
 
@@ -52,6 +62,8 @@ pub struct JobSpec {
     pub credentials: Option<Credentials>,
     /// File mode creation mask.
     pub umask: u32,
+    /// Resource limits to set, `(resource, soft, hard)` (`RLIMIT_*` numbers): the owner's, from `mosrun`.
+    pub rlimits: Vec<(u32, u64, u64)>,
 }
 
 /// The supervisor's ends of a job's stdio.
@@ -71,6 +83,8 @@ pub struct Job {
     pid: Pid,
     /// Inodes of the pipes the job holds as stdin, stdout, stderr.
     pipes: [u64; 3],
+    /// Whose it is: CRIU dumps the job of an ordinary user with that user's uid and gid (see [`Criu::dump`]).
+    owner: Option<Owner>,
 }
 
 /// A job that could not be started, dumped or restored.
@@ -154,12 +168,14 @@ impl Job {
             argv.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
         let envp_ptrs: Vec<*const libc::c_char> =
             envp.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-        let init_file = std::fs::File::open(&spec.init).map_err(|e| JobError::Spawn {
-            program: spec.program.clone(),
-            what: "open rmosix-init",
-            source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-        })?;
-        let init_fd = init_file.as_raw_fd();
+        // Opened in the child, inside the job's mount namespace and still as root: the exec'd file must lie
+        // on a mount of the job's namespace for CRIU to find it, and the owner needs to be able to run
+        // rmosix-init, not to reach the directory it is installed in.
+        let init_path = c("init path", spec.init.as_os_str())?;
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let hidden =
+            mounts_to_hide(&mountinfo).iter().map(|p| c("mount point", p.as_os_str())).collect::<Result<Vec<_>, _>>()?;
+        let rlimits = spec.rlimits.clone();
         let pipes = pipes()?;
         let job_fds: [RawFd; 3] = [pipes.job[0].as_raw_fd(), pipes.job[1].as_raw_fd(), pipes.job[2].as_raw_fd()];
         let netns = placement.netns.as_ref().map(AsRawFd::as_raw_fd);
@@ -188,6 +204,19 @@ impl Job {
                         return 122;
                     }
                 }
+                // Nothing of the supervisor's leaks into the job: a descriptor opened outside the job's mount
+                // namespace could not even be dumped.
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                if own_mounts(&hidden).is_err() {
+                    return 119;
+                }
+                let init_fd = libc::open(init_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if init_fd < 0 {
+                    return 118;
+                }
+                for &(resource, soft, hard) in &rlimits {
+                    set_rlimit(resource, soft, hard);
+                }
                 if libc::setsid() < 0 {
                     return 123;
                 }
@@ -202,8 +231,6 @@ impl Job {
                 if libc::chdir(cwd.as_ptr()) != 0 {
                     return 125;
                 }
-                // Through the descriptor opened before the identity changed: the owner needs to be able to
-                // run rmosix-init, not to reach the directory it is installed in.
                 libc::fexecve(init_fd, argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
                 126
             }
@@ -214,14 +241,20 @@ impl Job {
             nix::sched::clone(
                 Box::new(child),
                 &mut stack,
-                nix::sched::CloneFlags::CLONE_NEWPID,
+                nix::sched::CloneFlags::CLONE_NEWPID | nix::sched::CloneFlags::CLONE_NEWNS,
                 Some(libc::SIGCHLD),
             )
         }
         .map_err(|source| JobError::Spawn { program: spec.program.clone(), what: "clone", source })?;
         let inodes = [inode(pipes.job[0].as_fd()), inode(pipes.job[1].as_fd()), inode(pipes.job[2].as_fd())];
         drop(pipes.job);
-        Ok((Self { pid, pipes: inodes }, pipes.ours))
+        let owner = spec.credentials.as_ref().map(|c| Owner { uid: c.uid, gid: c.gid });
+        Ok((Self { pid, pipes: inodes, owner }, pipes.ours))
+    }
+
+    /// Whose the job is, when it is not the caller's own.
+    pub fn owner(&self) -> Option<Owner> {
+        self.owner
     }
 
     /// Host PID of the job's init.
@@ -269,6 +302,7 @@ impl Job {
             external: self.pipes.iter().map(|ino| format!("pipe:[{ino}]")).collect(),
             leave_stopped: true,
             placement,
+            owner: self.owner,
         };
         match criu.dump(&request) {
             Ok(()) => Ok(Frozen { pid: self.pid, done: false }),
@@ -281,15 +315,26 @@ impl Job {
     }
 
     /// Restores the job whose images are in `images`, as a child of the caller, placed as `placement` says
-    /// (the caller's network namespace and cgroups when empty), with new stdio pipes.
-    pub fn restore(criu: &Criu, images: &ImageDir, placement: Placement) -> Result<(Self, Stdio), JobError> {
-        Self::restore_with(criu, images, placement, false)
+    /// (the caller's network namespace and cgroups when empty), with new stdio pipes. `owner` is whose the
+    /// job is (`None`: the caller's), for its next dump.
+    pub fn restore(
+        criu: &Criu,
+        images: &ImageDir,
+        placement: Placement,
+        owner: Option<Owner>,
+    ) -> Result<(Self, Stdio), JobError> {
+        Self::restore_with(criu, images, placement, owner, false)
     }
 
     /// Like [`Job::restore`], but the restored job stays stopped until [`Job::resume`]: a destination that
     /// must check the job before it runs, or wait until the source has let its copy go.
-    pub fn restore_stopped(criu: &Criu, images: &ImageDir, placement: Placement) -> Result<(Self, Stdio), JobError> {
-        Self::restore_with(criu, images, placement, true)
+    pub fn restore_stopped(
+        criu: &Criu,
+        images: &ImageDir,
+        placement: Placement,
+        owner: Option<Owner>,
+    ) -> Result<(Self, Stdio), JobError> {
+        Self::restore_with(criu, images, placement, owner, true)
     }
 
     /// Resumes every process of a stopped job.
@@ -301,6 +346,7 @@ impl Job {
         criu: &Criu,
         images: &ImageDir,
         placement: Placement,
+        owner: Option<Owner>,
         leave_stopped: bool,
     ) -> Result<(Self, Stdio), JobError> {
         let meta = images.path().join(META_FILE);
@@ -324,7 +370,7 @@ impl Job {
         let pid = criu.restore(&request)?;
         let inodes = [inode(pipes.job[0].as_fd()), inode(pipes.job[1].as_fd()), inode(pipes.job[2].as_fd())];
         drop(pipes.job);
-        Ok((Self { pid: Pid::from_raw(pid), pipes: inodes }, pipes.ours))
+        Ok((Self { pid: Pid::from_raw(pid), pipes: inodes, owner }, pipes.ours))
     }
 }
 
@@ -359,6 +405,89 @@ impl Drop for Frozen {
             resume_tree(self.pid);
         }
     }
+}
+
+/// In a new job's child, still root, in its new mount namespace: keeps the node's mounts as slaves, detaches
+/// `hidden` and the node's `/proc` (with whatever is mounted under it), and mounts a proc of the job's PID
+/// namespace there. Async-signal-safe: runs between clone and exec.
+unsafe fn own_mounts(hidden: &[CString]) -> Result<(), ()> {
+    // SAFETY: plain system calls on NUL-terminated strings that outlive them.
+    unsafe {
+        if libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_SLAVE, std::ptr::null())
+            != 0
+        {
+            return Err(());
+        }
+        for path in hidden {
+            // A hidden mount under another hidden one is gone with it already.
+            libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+        }
+        libc::umount2(c"/proc".as_ptr(), libc::MNT_DETACH);
+        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        if libc::mount(c"proc".as_ptr(), c"/proc".as_ptr(), c"proc".as_ptr(), flags, std::ptr::null()) != 0 {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+/// Sets a resource limit in a new job's child (async-signal-safe). A hard limit above what this process may
+/// grant (no `CAP_SYS_RESOURCE`) is lowered to the current one rather than leaving the limit unset.
+unsafe fn set_rlimit(resource: u32, soft: u64, hard: u64) {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let wanted = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+        if libc::setrlimit(resource, &raw const wanted) == 0 {
+            return;
+        }
+        let mut now = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(resource, &raw mut now) == 0 {
+            let max = hard.min(now.rlim_max);
+            let clamped = libc::rlimit { rlim_cur: soft.min(max), rlim_max: max };
+            libc::setrlimit(resource, &raw const clamped);
+        }
+    }
+}
+
+/// The mount points a job should not carry in its copy of the node's mounts: namespace handles (`nsfs`,
+/// such as `/run/netns/*`, which would keep those namespaces alive and cannot be restored elsewhere) and
+/// image stores (`rmosix-images` tmpfs mounts), from `mountinfo` text (`/proc/self/mountinfo`).
+pub fn mounts_to_hide(mountinfo: &str) -> Vec<PathBuf> {
+    let mut hide: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            let mut fields = right.split_whitespace();
+            let (fstype, source) = (fields.next()?, fields.next()?);
+            (fstype == "nsfs" || (fstype == "tmpfs" && source == crate::images::STORE_SOURCE))
+                .then(|| PathBuf::from(unescape_mount_path(mount_point)))
+        })
+        .collect();
+    // Deepest first, so that each is still reachable when its turn comes.
+    hide.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    hide.dedup();
+    hide
+}
+
+/// Mount points in mountinfo escape space, tab, newline and backslash as octal (`\040`).
+fn unescape_mount_path(field: &str) -> OsString {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 4]).ok().and_then(|o| u8::from_str_radix(o, 8).ok())
+        {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    OsString::from_vec(out)
 }
 
 /// Sends SIGCONT to every process of the tree rooted at `root`.

@@ -95,6 +95,31 @@ pub struct Run {
     pub place: Where,
     /// How it may move.
     pub options: RunOptions,
+    /// The deputy's resource limits (`ulimit`), which the job keeps wherever it runs.
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// One resource limit of the deputy, as `getrlimit` gives it (`u64::MAX`: unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// The `RLIMIT_*` number.
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Every resource limit of the calling process.
+pub fn rlimits_of_self() -> Vec<Rlimit> {
+    // RLIMIT_RTTIME is the last limit Linux has.
+    (0..=libc::RLIMIT_RTTIME)
+        .filter_map(|resource| {
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: getrlimit into a local struct.
+            let ok = unsafe { libc::getrlimit(resource, &raw mut limit) } == 0;
+            ok.then_some(Rlimit { resource, soft: limit.rlim_cur, hard: limit.rlim_max })
+        })
+        .collect()
 }
 
 /// A request to migd.

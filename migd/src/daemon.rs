@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
-use rmosix_checkpoint::criu::{Criu, Placement};
+use rmosix_checkpoint::criu::{Criu, Owner, Placement};
 use rmosix_checkpoint::images::{ImageDir, prepare_store};
 use rmosix_checkpoint::job::{Credentials, Job, JobError, JobSpec};
 use rmosix_checkpoint::{migratable, transfer};
@@ -495,6 +495,7 @@ impl Daemon {
             cwd: req.cwd.clone(),
             credentials: Some(credentials),
             umask: req.umask,
+            rlimits: req.rlimits.iter().map(|l| (l.resource, l.soft, l.hard)).collect(),
         };
         let (job, pipes) = match Job::spawn(&spec, &Placement::default()) {
             Ok(j) => j,
@@ -989,7 +990,8 @@ impl Daemon {
             return;
         }
         info!(phase = %Phase::Restore, "images received");
-        let (job, pipes) = match Job::restore_stopped(&self.criu, &images, Placement::default()) {
+        let owner = Owner { uid: offer.uid, gid: offer.gid };
+        let (job, pipes) = match Job::restore_stopped(&self.criu, &images, Placement::default(), Some(owner)) {
             Ok(j) => j,
             Err(e) => {
                 warn!(home_pid, from, error = %e, "restore failed");
@@ -999,7 +1001,7 @@ impl Daemon {
         };
         drop(images);
         // The job runs with its owner's credentials and no other: check every process before it runs.
-        if let Err(e) = check_owner(job.pid(), offer.uid) {
+        if let Err(e) = check_owner(job.pid(), owner) {
             warn!(home_pid, from, error = %e, "restored job has the wrong owner; killed");
             let _ = job.signal(Signal::SIGKILL);
             let _ = job.wait();
@@ -1283,23 +1285,41 @@ impl HomeJob {
     }
 }
 
-/// Every process of the job runs as `uid`.
-fn check_owner(root: i32, uid: u32) -> Result<(), String> {
+/// Every process of the restored job runs as its owner and gained nothing by moving: the owner's uid and
+/// gid (real, effective, saved, filesystem) and, for an ordinary user, no capabilities at all. The job's init
+/// runs as the owner too, so the whole tree is checked.
+fn check_owner(root: i32, owner: Owner) -> Result<(), String> {
     let pids = migratable::job_processes(root).map_err(|e| e.to_string())?;
     for pid in pids {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
-        let uids: Vec<u32> = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .map(|v| v.split_whitespace().filter_map(|n| n.parse().ok()).collect())
-            .unwrap_or_default();
-        if uids.is_empty() || uids.iter().any(|&u| u != uid) {
-            return Err(format!("process {pid} of the restored job runs as uids {uids:?}, not as its owner {uid}"));
-        }
+        identity_of(&status, owner).map_err(|what| format!("process {pid} of the restored job {what}"))?;
     }
     Ok(())
 }
 
+/// Checks one `/proc/PID/status` against `owner` (see [`check_owner`]).
+fn identity_of(status: &str, owner: Owner) -> Result<(), String> {
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+    let ids = |name: &str| -> Vec<u32> {
+        field(name).map(|v| v.split_whitespace().filter_map(|n| n.parse().ok()).collect()).unwrap_or_default()
+    };
+    let (uids, gids) = (ids("Uid:"), ids("Gid:"));
+    if uids.len() != 4 || uids.iter().any(|&u| u != owner.uid) {
+        return Err(format!("runs as uids {uids:?}, not as its owner {}", owner.uid));
+    }
+    if gids.len() != 4 || gids.iter().any(|&g| g != owner.gid) {
+        return Err(format!("runs with gids {gids:?}, not with its owner's group {}", owner.gid));
+    }
+    if owner.uid != 0 {
+        for set in ["CapPrm:", "CapEff:", "CapAmb:"] {
+            let caps = field(set).and_then(|v| u64::from_str_radix(v, 16).ok());
+            if caps != Some(0) {
+                return Err(format!("has capabilities ({set} {})", field(set).unwrap_or("?")));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// The deputy's identity: its uid, gid and the groups of that user.
 fn credentials(peer: Peer) -> nix::Result<Credentials> {

@@ -41,6 +41,7 @@ fn spec(args: &[&str]) -> JobSpec {
         cwd: std::env::current_dir().unwrap(),
         credentials: None,
         umask: 0o022,
+        rlimits: Vec::new(),
     }
 }
 
@@ -80,7 +81,7 @@ fn drain(rx: &mpsc::Receiver<String>, into: &mut Vec<String>) {
 fn move_job(criu: &Criu, job: &Job, from: &Placement, to: Placement) -> (Job, Stdio) {
     let images = ImageDir::create(Path::new(IMAGES)).unwrap();
     let frozen = job.dump(criu, &images, from).unwrap_or_else(|e| panic!("{e}"));
-    let (restored, stdio) = Job::restore(criu, &images, to).unwrap_or_else(|e| panic!("{e}"));
+    let (restored, stdio) = Job::restore(criu, &images, to, None).unwrap_or_else(|e| panic!("{e}"));
     frozen.commit().unwrap();
     (restored, stdio)
 }
@@ -178,7 +179,7 @@ fn a_job_moves_between_network_namespaces_through_a_tcp_stream_and_back() {
     let dest_images = ImageDir::create(Path::new(IMAGES)).unwrap();
     transfer::unpack(&mut conn, dest_images.path(), &key).unwrap();
     sender.join().unwrap();
-    let (on_node2, stdio2) = Job::restore(&criu, &dest_images, node(2)).unwrap();
+    let (on_node2, stdio2) = Job::restore(&criu, &dest_images, node(2), None).unwrap();
     frozen.commit().unwrap();
     drop((source_images, dest_images));
     drain(&rx, &mut seen);
@@ -258,7 +259,7 @@ fn a_failed_restore_leaves_the_original_to_resume() {
             std::fs::write(&path, b"garbage").unwrap();
         }
     }
-    let err = Job::restore(&criu, &images, Placement::default()).unwrap_err();
+    let err = Job::restore(&criu, &images, Placement::default(), None).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("CRIU restore") && text.contains("log: /dev/shm/rmosix-test-logs/"), "{text}");
     frozen.abort();

@@ -265,6 +265,7 @@ fn migrate_once(
         cwd: "/".into(),
         credentials: None,
         umask: 0o022,
+        rlimits: Vec::new(),
     };
     let (job, stdio) = Job::spawn(&spec, &node(1)?)?;
     let rx = lines(File::from(stdio.stdout));
@@ -294,7 +295,7 @@ fn migrate_once(
     transfer::unpack(&mut conn, dest.path(), &key)?;
     sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
     let transferred = start.elapsed();
-    let (restored, stdio2) = Job::restore(criu, &dest, to_node2)?;
+    let (restored, stdio2) = Job::restore(criu, &dest, to_node2, None)?;
     let freeze = start.elapsed();
     frozen.commit()?;
     drop((source, dest));

@@ -122,6 +122,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             .collect(),
         cwd: std::env::current_dir().context("cannot read the working directory")?,
         umask,
+        rlimits: control::rlimits_of_self(),
         place,
         options: RunOptions {
             stay_home: args.stay_home,
