@@ -2,9 +2,11 @@
 //! load vector and its decay, the authenticated datagram format spoken between infod daemons, the cluster
 //! key, and the local query protocol between infod and the command-line tools.
 //!
-//! Nothing here touches the network or the host: these are pure data types and codecs, so they are tested
-//! without root and reused unchanged by the daemons, the tools and the simulations.
+//! Nothing here touches the network, and only [`cgroup`] touches the host (its cgroup files, through paths
+//! it is given, so it too is tested without root on fake trees): the rest are pure data types and codecs,
+//! reused unchanged by the daemons, the tools and the simulations.
 
+pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod key;
