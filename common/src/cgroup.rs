@@ -460,8 +460,11 @@ impl Hierarchy {
         let mut v1 = Vec::<v1::Mount>::new();
         let mut v2 = Vec::new();
         for m in parse_mountinfo(text, origin)? {
-            let mount_root = CgroupPath::new(&m.root)
-                .map_err(|e| CgroupError::Parse { path: origin.to_owned(), reason: e.to_string() })?;
+            // Only a cgroup mount's root is a cgroup path (an nsfs mount's is `net:[4026532251]`).
+            let mount_root = || {
+                CgroupPath::new(&m.root)
+                    .map_err(|e| CgroupError::Parse { path: origin.to_owned(), reason: e.to_string() })
+            };
             match m.fstype.as_str() {
                 "cgroup" => {
                     let controllers: Vec<Controller> =
@@ -469,10 +472,10 @@ impl Hierarchy {
                     // A hierarchy mounted twice (bind mounts) is used through its first mount.
                     let known = controllers.iter().any(|c| v1.iter().any(|mount| mount.controllers.contains(c)));
                     if !controllers.is_empty() && !known {
-                        v1.push(v1::Mount { controllers, dir: under_root(&m.point), root: mount_root });
+                        v1.push(v1::Mount { controllers, dir: under_root(&m.point), root: mount_root()? });
                     }
                 }
-                "cgroup2" => v2.push((m.point.clone(), v2::Mount { dir: under_root(&m.point), root: mount_root })),
+                "cgroup2" => v2.push((m.point.clone(), v2::Mount { dir: under_root(&m.point), root: mount_root()? })),
                 _ => {}
             }
         }

@@ -22,6 +22,7 @@ const HYBRID: &str = "\
 39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
 40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+1207 30 0:4 net:[4026532251] /run/netns/rmx-local-1 rw shared:626 - nsfs nsfs rw
 ";
 
 /// Debian 12: the unified hierarchy alone.
