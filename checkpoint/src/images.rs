@@ -33,30 +33,92 @@ static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 /// Where nodes keep image sets by default: a tmpfs of our own, see [`prepare_store`].
 pub const DEFAULT_STORE: &str = "/run/rmosix/images";
 
-/// Makes `path` a tmpfs for image sets, unless it already is one: creates the directory (0700) and mounts a
-/// tmpfs with transparent huge pages there. Needs root (`CAP_SYS_ADMIN`) when it has to mount.
 /// The source name of the tmpfs migd mounts as its image store: how a job's start recognises image stores
 /// to leave out of its mounts, and how migd recognises a store it mounted before.
 pub const STORE_SOURCE: &str = "rmosix-images";
 
-pub fn prepare_store(path: &Path) -> Result<(), ImagesError> {
+/// What [`prepare_store`] found or did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// A tmpfs of ours was mounted there now.
+    Mounted,
+    /// A tmpfs of ours was there already (an earlier migd's).
+    Ours,
+    /// It could not be mounted (no `CAP_SYS_ADMIN`, say): image sets go to the directory as it is.
+    Plain,
+}
+
+/// Makes `path` the image store: a tmpfs of our own with transparent huge pages, even when `path` lies on
+/// a tmpfs already (`/run` usually is one, without huge pages and shared with everything else). The store
+/// is private (0700); parents it has to create are 0755, since they may also hold sockets every user must
+/// reach (`/run/rmosix`). Image directories left in the store by a migd that died are removed. When it
+/// cannot mount (no `CAP_SYS_ADMIN`), it logs why and uses the directory as it is.
+///
+/// Each migd needs a store of its own: the leftovers of another would be removed.
+pub fn prepare_store(path: &Path) -> Result<Store, ImagesError> {
     let base = |source| ImagesError::Base { path: path.to_owned(), source };
-    DirBuilder::new().recursive(true).mode(PRIVATE_MODE).create(path).map_err(base)?;
-    let fs = nix::sys::statfs::statfs(path).map_err(|e| base(e.into()))?;
-    if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
-        return Ok(());
+    if let Some(parent) = path.parent() {
+        DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(base)?;
     }
-    nix::mount::mount(
-        Some(STORE_SOURCE),
-        path,
-        Some("tmpfs"),
-        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
-        Some("mode=0700,huge=within_size"),
-    )
-    .map_err(|e| base(e.into()))?;
-    tracing::info!(path = %path.display(), "image store mounted (tmpfs, huge pages)");
+    match DirBuilder::new().mode(PRIVATE_MODE).create(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(base(error)),
+    }
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(base)?;
+    let store = if is_our_store(&mountinfo, path) {
+        Store::Ours
+    } else {
+        match nix::mount::mount(
+            Some(STORE_SOURCE),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+            Some("mode=0700,huge=within_size"),
+        ) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "image store mounted (tmpfs, huge pages)");
+                Store::Mounted
+            }
+            Err(error) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    %error,
+                    "cannot mount a tmpfs for the image store; image sets go to the directory as it is, \
+                     which is slower unless it is a tmpfs"
+                );
+                Store::Plain
+            }
+        }
+    };
+    fs::set_permissions(path, Permissions::from_mode(PRIVATE_MODE)).map_err(base)?;
+    remove_leftovers(path).map_err(base)?;
+    Ok(store)
+}
+
+/// Whether `path` is a mount point of a tmpfs named [`STORE_SOURCE`] in `mountinfo` text.
+fn is_our_store(mountinfo: &str, path: &Path) -> bool {
+    mountinfo.lines().any(|line| {
+        let Some((left, right)) = line.split_once(" - ") else { return false };
+        let mut fields = right.split_whitespace();
+        left.split_whitespace().nth(4).is_some_and(|mp| Path::new(mp) == path)
+            && fields.next() == Some("tmpfs")
+            && fields.next() == Some(STORE_SOURCE)
+    })
+}
+
+/// Removes the image directories (`images-*`) a dead migd left in `store`.
+fn remove_leftovers(store: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(store)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with("images-") && entry.file_type()?.is_dir() {
+            tracing::info!(path = %entry.path().display(), "removing an image directory left by an earlier migd");
+            fs::remove_dir_all(entry.path())?;
+        }
+    }
     Ok(())
 }
+
 
 /// Why an image directory could not be created, opened or measured.
 #[derive(Debug, thiserror::Error)]
@@ -445,5 +507,31 @@ mod tests {
         fs::set_permissions(&base, Permissions::from_mode(0o1777)).unwrap();
         let dir = ImageDir::create(&base).unwrap();
         assert_eq!(mode_of(dir.path()), 0o700);
+    }
+
+    #[test]
+    fn the_store_is_a_tmpfs_of_its_own_even_on_a_tmpfs_and_leftovers_go() {
+        assert!(nix::unistd::geteuid().is_root(), "mounting the store needs root (run the tests as root)");
+        // /dev/shm is a tmpfs: the store still gets its own mount, with huge pages.
+        let scratch = tempfile::tempdir_in("/dev/shm").unwrap();
+        let store = scratch.path().join("parent/store");
+        assert_eq!(prepare_store(&store).unwrap(), Store::Mounted);
+        let unmount = || nix::mount::umount2(&store, nix::mount::MntFlags::MNT_DETACH);
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = mountinfo.lines().find(|l| l.split_whitespace().nth(4) == Some(store.to_str().unwrap()));
+        let line = line.unwrap_or_else(|| { let _ = unmount(); panic!("{} is not a mount point", store.display()) });
+        assert!(line.contains(&format!(" - tmpfs {STORE_SOURCE} ")) && line.contains("huge=within_size"), "{line}");
+        assert_eq!(mode_of(&store), 0o700);
+        // Parents it made are open to everyone (sockets may live there).
+        assert_eq!(mode_of(&scratch.path().join("parent")), 0o755);
+        // A migd that died left an image directory; the next one finds its store and cleans it.
+        let left = ImageDir::create(&store).unwrap().keep();
+        fs::write(left.join("pages-1.img"), b"x").unwrap();
+        let unrelated = store.join("notes");
+        fs::write(&unrelated, b"kept").unwrap();
+        assert_eq!(prepare_store(&store).unwrap(), Store::Ours);
+        assert!(!left.exists(), "leftover image directory removed");
+        assert!(unrelated.exists(), "only image directories are removed");
+        unmount().unwrap();
     }
 }

@@ -506,3 +506,29 @@ pub fn placement(netns: Option<&Path>, cgroups: &[PathBuf]) -> std::io::Result<P
         .collect::<std::io::Result<Vec<File>>>()?;
     Ok(Placement { netns, cgroup_procs })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_handles_and_image_stores_are_hidden_deepest_first() {
+        let mountinfo = "\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+40 27 0:4 net:[4026532290] /run/netns/a\\040b rw shared:5 - nsfs nsfs rw
+41 27 0:50 / /run/rmosix/images rw - tmpfs rmosix-images rw,mode=700,huge=within_size
+42 41 0:51 / /run/rmosix/images/node2 rw - tmpfs rmosix-images rw
+43 27 0:52 / /dev/shm rw - tmpfs tmpfs rw
+";
+        assert_eq!(
+            mounts_to_hide(mountinfo),
+            [
+                PathBuf::from("/run/rmosix/images/node2"),
+                PathBuf::from("/run/netns/a b"),
+                PathBuf::from("/run/rmosix/images"),
+            ]
+        );
+        assert!(mounts_to_hide("garbage\n\n - \n").is_empty());
+    }
+}

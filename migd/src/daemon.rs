@@ -245,6 +245,8 @@ struct Runner {
     home_pid: i32,
     uid: u32,
     gid: u32,
+    /// The owner's supplementary groups when the job started: a restored job must have these and no more.
+    groups: Vec<u32>,
     command: Vec<String>,
     job: Arc<Job>,
     /// Write end of the job's stdin pipe, while open.
@@ -458,29 +460,9 @@ impl Daemon {
 
     // ---- the home side: deputies -------------------------------------------------------------------------
 
-    #[expect(clippy::needless_pass_by_value, reason = "the session owns its connection and request")]
-    fn run(self: &Arc<Self>, mut stream: UnixStream, peer: Peer, req: Run, fds: Vec<OwnedFd>) {
-        let Ok([stdin, stdout, stderr]) = <[OwnedFd; 3]>::try_from(fds) else {
-            refuse(&mut stream, Refusal::BadRequest, "a run request must carry stdin, stdout and stderr");
-            return;
-        };
-        let start_on = match req.place {
-            Where::Home => self.me().0,
-            Where::Node(n) if self.settings.map.get(NodeId(n)).is_none() => {
-                refuse(&mut stream, Refusal::NoSuchNode, format!("node {n} is not in the cluster map"));
-                return;
-            }
-            Where::Node(n) => n,
-            Where::Best => self.best_node(None, req.options.mem_mb.unwrap_or(0).saturating_mul(1 << 20)),
-        };
-        let credentials = match credentials(peer) {
-            Ok(c) => c,
-            Err(e) => {
-                refuse(&mut stream, Refusal::Failed, format!("cannot look up the groups of uid {}: {e}", peer.uid));
-                return;
-            }
-        };
-        let spec = JobSpec {
+    /// What to start for a `Run` request, as `credentials`.
+    fn job_spec(&self, req: &Run, credentials: Credentials) -> JobSpec {
+        JobSpec {
             init: self.init.clone(),
             program: OsString::from_vec(req.program.clone()),
             args: req.args.iter().cloned().map(OsString::from_vec).collect(),
@@ -496,7 +478,32 @@ impl Daemon {
             credentials: Some(credentials),
             umask: req.umask,
             rlimits: req.rlimits.iter().map(|l| (l.resource, l.soft, l.hard)).collect(),
+        }
+    }
+
+    #[expect(clippy::needless_pass_by_value, reason = "the session owns its connection and request")]
+    fn run(self: &Arc<Self>, mut stream: UnixStream, peer: Peer, req: Run, fds: Vec<OwnedFd>) {
+        let Ok([stdin, stdout, stderr]) = <[OwnedFd; 3]>::try_from(fds) else {
+            refuse(&mut stream, Refusal::BadRequest, "a run request must carry stdin, stdout and stderr");
+            return;
         };
+        let start_on = match req.place {
+            Where::Home => self.me().0,
+            Where::Node(n) if self.settings.map.get(NodeId(n)).is_none() => {
+                refuse(&mut stream, Refusal::NoSuchNode, format!("node {n} is not in the cluster map; `mosctl status` lists the nodes"));
+                return;
+            }
+            Where::Node(n) => n,
+            Where::Best => self.best_node(None, req.options.mem_mb.unwrap_or(0).saturating_mul(1 << 20)),
+        };
+        let credentials = match credentials(&stream, peer) {
+            Ok(c) => c,
+            Err(e) => {
+                refuse(&mut stream, Refusal::Failed, format!("cannot read the groups of the deputy (uid {}): {e}", peer.uid));
+                return;
+            }
+        };
+        let spec = self.job_spec(&req, credentials.clone());
         let (job, pipes) = match Job::spawn(&spec, &Placement::default()) {
             Ok(j) => j,
             Err(e) => {
@@ -539,6 +546,7 @@ impl Daemon {
             home_pid,
             uid: peer.uid,
             gid: peer.gid,
+            groups: credentials.groups,
             command,
             job,
             stdin: Arc::new(Mutex::new(Some(Arc::new(File::from(pipes.stdin))))),
@@ -738,9 +746,14 @@ impl Daemon {
             .records
             .get(home_pid)
             .filter(|r| !r.state.has_ended())
-            .ok_or_else(|| MoveError::new(Refusal::NoSuchJob, format!("no running job with home PID {home_pid} on this node")))?;
+            .ok_or_else(|| MoveError::new(Refusal::NoSuchJob, format!(
+                "no job of this node has home PID {home_pid} (give the PID of the job's mosrun, on the node where mosrun runs)"
+            )))?;
         if peer.uid != 0 && peer.uid != record.uid {
-            return Err(MoveError::new(Refusal::NotYours, format!("job {home_pid} belongs to uid {}", record.uid)));
+            return Err(MoveError::new(
+                Refusal::NotYours,
+                format!("it is not your job (it belongs to {}); only its owner or root may move it", user_name(record.uid)),
+            ));
         }
         let home = self
             .homes
@@ -748,9 +761,9 @@ impl Daemon {
             .expect("homes lock")
             .get(&home_pid)
             .cloned()
-            .ok_or_else(|| MoveError::new(Refusal::NoSuchJob, format!("job {home_pid} has no deputy here")))?;
+            .ok_or_else(|| MoveError::new(Refusal::NoSuchJob, format!("job {home_pid} has ended or is ending")))?;
         if home.stay_home {
-            return Err(MoveError::new(Refusal::StaysHome, format!("job {home_pid} was started to stay home (mosrun -h)")));
+            return Err(MoveError::new(Refusal::StaysHome, "it was started to stay on its home node (mosrun -h)"));
         }
         let from = record.node.0;
         let to = match target {
@@ -759,17 +772,20 @@ impl Daemon {
             Target::Balance => self.best_node(Some(from), 0),
         };
         if self.settings.map.get(NodeId(to)).is_none() {
-            return Err(MoveError::new(Refusal::NoSuchNode, format!("node {to} is not in the cluster map")));
+            return Err(MoveError::new(
+                Refusal::NoSuchNode,
+                format!("node {to} is not in the cluster map; `mosctl status` lists the nodes"),
+            ));
         }
         if to == from {
-            return Err(MoveError::new(Refusal::Failed, format!("job {home_pid} already runs on node {to}")));
+            return Err(MoveError::new(Refusal::Failed, format!("it already runs on node {to}")));
         }
         let started = Instant::now();
         *home.move_result.lock().expect("move result") = None;
         let location = match &*home.location.lock().expect("location") {
             Location::Here(runner) => Ok(Arc::clone(runner)),
             Location::Away { link, .. } => Err(Arc::clone(link)),
-            Location::Moving => return Err(MoveError::new(Refusal::Busy, format!("job {home_pid} is moving already"))),
+            Location::Moving => return Err(MoveError::new(Refusal::Busy, "it is moving already; try again once that move is done")),
         };
         match location {
             Ok(runner) => {
@@ -779,7 +795,7 @@ impl Daemon {
                 link.lock()
                     .expect("link")
                     .send_json(protocol::MIGRATE, &to)
-                    .map_err(|e| MoveError::new(Refusal::TargetDown, format!("node {from} unreachable: {e}")))?;
+                    .map_err(|e| MoveError::new(Refusal::TargetDown, format!("node {from}, where it runs, is unreachable ({e}); `mosctl status` shows whether it is up")))?;
             }
         }
         // Wait until the job runs at its destination (or the move failed and it runs on where it was).
@@ -788,7 +804,7 @@ impl Daemon {
         while slot.is_none() && Instant::now() < deadline {
             slot = home.move_changed.wait_timeout(slot, Duration::from_millis(200)).expect("move result").0;
         }
-        let result = slot.take().unwrap_or_else(|| Err(MoveError::new(Refusal::Failed, "the move timed out")));
+        let result = slot.take().unwrap_or_else(|| Err(MoveError::new(Refusal::Failed, "the move did not finish within 10 minutes")));
         drop(slot);
         let to = result?;
         let frozen = *home.frozen.lock().expect("frozen");
@@ -822,31 +838,35 @@ impl Daemon {
             .settings
             .map
             .get(NodeId(to))
-            .ok_or_else(|| MoveError::new(Refusal::NoSuchNode, format!("node {to} is not in the cluster map")))?;
+            .ok_or_else(|| MoveError::new(Refusal::NoSuchNode, format!("node {to} is not in the cluster map; `mosctl status` lists the nodes")))?;
         let failed = |why, e: &dyn std::fmt::Display| MoveError::new(why, format!("{e}"));
         let images = ImageDir::create(&self.store).map_err(|e| failed(Refusal::Failed, &e))?;
         let freeze_start = Instant::now();
         let frozen = runner.job.dump(&self.criu, &images, &Placement::default()).map_err(|e| match e {
-            JobError::NotMigratable { .. } => failed(Refusal::NotMigratable, &e),
-            e => failed(Refusal::Failed, &e),
+            JobError::NotMigratable { reasons, .. } => MoveError::new(
+                Refusal::NotMigratable,
+                format!("it cannot move: {}", reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
+            ),
+            e => failed(Refusal::Failed, &format!("its checkpoint failed and it runs on where it was: {e}")),
         })?;
         let image_bytes = images.total_size().map_err(|e| failed(Refusal::Failed, &e))?;
         info!(phase = %Phase::Offer, image_bytes, dumped_ms = freeze_start.elapsed().as_millis(), "dumped");
         let stream = TcpStream::connect_timeout(&SocketAddr::from((dest.addr, self.settings.config.migd.port)), Duration::from_secs(5))
-            .map_err(|e| failed(Refusal::TargetDown, &format!("cannot reach node {to}: {e}")))?;
+            .map_err(|e| failed(Refusal::TargetDown, &format!("node {to} is unreachable ({e}); `mosctl status` shows whether it is up")))?;
         let _ = stream.set_nodelay(true);
         let mut link = Channel::client_tcp(stream, &self.settings.key, self.me().0)
-            .map_err(|e| failed(Refusal::TargetDown, &format!("node {to}: {e}")))?;
+            .map_err(|e| failed(Refusal::TargetDown, &format!("node {to} did not accept the connection ({e}); are its cluster key and migd the same as ours?")))?;
         let offer = Offer {
             home_node: runner.home_node,
             home_pid,
             uid: runner.uid,
             gid: runner.gid,
+            groups: runner.groups.clone(),
             command: runner.command.clone(),
             image_bytes,
             epoch: runner.epoch + 1,
         };
-        let net = |e: crate::channel::ChannelError| failed(Refusal::TargetDown, &format!("node {to}: {e}"));
+        let net = |e: crate::channel::ChannelError| failed(Refusal::TargetDown, &format!("the connection to node {to} broke ({e})"));
         link.send_json(protocol::OFFER, &offer).map_err(net)?;
         let (_, verdict): (u8, Verdict) = link.recv_json().map_err(net)?;
         if !verdict.ok {
@@ -958,7 +978,13 @@ impl Daemon {
         let home_pid = offer.home_pid;
         let at_home = offer.home_node == self.me().0;
         if !at_home && self.settings.config.policy.block_guests {
-            let _ = link.send_json(protocol::VERDICT, &Verdict::no(Refusal::TargetBlocksGuests, format!("node {} blocks guests", self.me())));
+            let _ = link.send_json(
+                protocol::VERDICT,
+                &Verdict::no(
+                    Refusal::TargetBlocksGuests,
+                    format!("node {} blocks guests (its policy block_guests is set); choose another node", self.me()),
+                ),
+            );
             return;
         }
         if at_home && !self.homes.lock().expect("homes lock").contains_key(&home_pid) {
@@ -1001,7 +1027,7 @@ impl Daemon {
         };
         drop(images);
         // The job runs with its owner's credentials and no other: check every process before it runs.
-        if let Err(e) = check_owner(job.pid(), owner) {
+        if let Err(e) = check_owner(job.pid(), owner, &offer.groups) {
             warn!(home_pid, from, error = %e, "restored job has the wrong owner; killed");
             let _ = job.signal(Signal::SIGKILL);
             let _ = job.wait();
@@ -1022,6 +1048,7 @@ impl Daemon {
             home_pid,
             uid: offer.uid,
             gid: offer.gid,
+            groups: offer.groups.clone(),
             command: offer.command.clone(),
             job: Arc::new(job),
             stdin: Arc::new(Mutex::new(Some(Arc::new(File::from(pipes.stdin))))),
@@ -1288,17 +1315,17 @@ impl HomeJob {
 /// Every process of the restored job runs as its owner and gained nothing by moving: the owner's uid and
 /// gid (real, effective, saved, filesystem) and, for an ordinary user, no capabilities at all. The job's init
 /// runs as the owner too, so the whole tree is checked.
-fn check_owner(root: i32, owner: Owner) -> Result<(), String> {
+fn check_owner(root: i32, owner: Owner, groups: &[u32]) -> Result<(), String> {
     let pids = migratable::job_processes(root).map_err(|e| e.to_string())?;
     for pid in pids {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
-        identity_of(&status, owner).map_err(|what| format!("process {pid} of the restored job {what}"))?;
+        identity_of(&status, owner, groups).map_err(|what| format!("process {pid} of the restored job {what}"))?;
     }
     Ok(())
 }
 
-/// Checks one `/proc/PID/status` against `owner` (see [`check_owner`]).
-fn identity_of(status: &str, owner: Owner) -> Result<(), String> {
+/// Checks one `/proc/PID/status` against `owner` and its supplementary `groups` (see [`check_owner`]).
+fn identity_of(status: &str, owner: Owner, groups: &[u32]) -> Result<(), String> {
     let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
     let ids = |name: &str| -> Vec<u32> {
         field(name).map(|v| v.split_whitespace().filter_map(|n| n.parse().ok()).collect()).unwrap_or_default()
@@ -1309,6 +1336,15 @@ fn identity_of(status: &str, owner: Owner) -> Result<(), String> {
     }
     if gids.len() != 4 || gids.iter().any(|&g| g != owner.gid) {
         return Err(format!("runs with gids {gids:?}, not with its owner's group {}", owner.gid));
+    }
+    let mut has = ids("Groups:");
+    let mut wanted = groups.to_vec();
+    has.sort_unstable();
+    wanted.sort_unstable();
+    has.dedup();
+    wanted.dedup();
+    if has != wanted {
+        return Err(format!("has supplementary groups {has:?}, not its owner's {wanted:?}"));
     }
     if owner.uid != 0 {
         for set in ["CapPrm:", "CapEff:", "CapAmb:"] {
@@ -1321,16 +1357,70 @@ fn identity_of(status: &str, owner: Owner) -> Result<(), String> {
     Ok(())
 }
 
-/// The deputy's identity: its uid, gid and the groups of that user.
-fn credentials(peer: Peer) -> nix::Result<Credentials> {
-    let uid = nix::unistd::Uid::from_raw(peer.uid);
-    let gid = nix::unistd::Gid::from_raw(peer.gid);
-    let groups = match nix::unistd::User::from_uid(uid)? {
-        Some(user) => {
-            let name = std::ffi::CString::new(user.name).map_err(|_| nix::errno::Errno::EINVAL)?;
-            nix::unistd::getgrouplist(&name, gid)?.into_iter().map(nix::unistd::Gid::as_raw).collect()
+/// A user's name for messages, or the uid when the user database has none.
+fn user_name(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => user.name,
+        _ => format!("uid {uid}"),
+    }
+}
+
+/// The deputy's identity: its uid and gid, and its supplementary groups as the kernel knows them
+/// (`SO_PEERGROUPS`): the groups the deputy really has (after `newgrp` or `sg`, say), not the user database's.
+fn credentials(stream: &UnixStream, peer: Peer) -> std::io::Result<Credentials> {
+    let mut groups = vec![0 as libc::gid_t; 64];
+    loop {
+        let mut len = libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>()).unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: getsockopt writes at most `len` bytes into the buffer and says how many it needs.
+        let ret = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(stream),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &raw mut len,
+            )
+        };
+        let needed = len as usize / std::mem::size_of::<libc::gid_t>();
+        if ret == 0 {
+            groups.truncate(needed);
+            return Ok(Credentials { uid: peer.uid, gid: peer.gid, groups });
         }
-        None => vec![peer.gid],
-    };
-    Ok(Credentials { uid: peer.uid, gid: peer.gid, groups })
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ERANGE) || needed <= groups.len() {
+            return Err(error);
+        }
+        groups.resize(needed, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(uids: &str, gids: &str, groups: &str, caps: &str) -> String {
+        format!(
+            "Name:\tpython3\nUid:\t{uids}\nGid:\t{gids}\nGroups:\t{groups}\nCapInh:\t0000000000000000\n\
+             CapPrm:\t{caps}\nCapEff:\t{caps}\nCapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\n"
+        )
+    }
+
+    #[test]
+    fn a_restored_job_must_be_its_owner_with_nothing_gained() {
+        let owner = Owner { uid: 1001, gid: 1001 };
+        let none = "0000000000000000";
+        assert_eq!(identity_of(&status("1001\t1001\t1001\t1001", "1001\t1001\t1001\t1001", "27 1001 ", none), owner, &[1001, 27]), Ok(()));
+        let setuid_root = identity_of(&status("1001\t0\t1001\t1001", "1001\t1001\t1001\t1001", "", none), owner, &[]);
+        assert!(setuid_root.unwrap_err().contains("uids [1001, 0, 1001, 1001]"));
+        let other_group = identity_of(&status("1001\t1001\t1001\t1001", "1001\t1001\t0\t1001", "", none), owner, &[]);
+        assert!(other_group.unwrap_err().contains("gids"));
+        let more_groups = identity_of(&status("1001\t1001\t1001\t1001", "1001\t1001\t1001\t1001", "0 27", none), owner, &[27]);
+        assert!(more_groups.unwrap_err().contains("supplementary groups [0, 27]"));
+        let caps = identity_of(&status("1001\t1001\t1001\t1001", "1001\t1001\t1001\t1001", "", "0000000000200000"), owner, &[]);
+        assert!(caps.unwrap_err().contains("capabilities"));
+        // Root's job keeps root's capabilities.
+        let root = Owner { uid: 0, gid: 0 };
+        assert_eq!(identity_of(&status("0\t0\t0\t0", "0\t0\t0\t0", "", "000001ffffffffff"), root, &[]), Ok(()));
+        assert!(identity_of("garbage", owner, &[]).is_err());
+    }
 }

@@ -61,6 +61,8 @@ pub struct Offer {
     /// Its owner: the restored job must run as this user and no other.
     pub uid: u32,
     pub gid: u32,
+    /// The owner's supplementary groups, which the restored job must have, no more and no fewer.
+    pub groups: Vec<u32>,
     /// For logs and records.
     pub command: Vec<String>,
     /// Bytes of images that will follow.

@@ -69,7 +69,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             println!("moved {home_pid} from node {from} to node {to} in {seconds:.2} s (frozen {frozen:.3} s)");
             Ok(())
         }
-        Response::Refused { why, message } => anyhow::bail!("cannot move {} ({why:?}): {message}", args.pid),
+        Response::Refused { message, .. } => anyhow::bail!("cannot move {}: {message}", args.pid),
         other => anyhow::bail!("unexpected answer from migd: {other:?}"),
     }
 }

@@ -148,7 +148,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
         .context("cannot send the request to migd")?;
     match control::recv::<Response>(&mut stream).context("migd did not answer")? {
         Response::Started { .. } => {}
-        Response::Refused { why, message } => bail!("cannot start the job ({why:?}): {message}"),
+        Response::Refused { message, .. } => bail!("cannot start the job: {message}"),
         other => bail!("unexpected answer from migd: {other:?}"),
     }
     let session = std::sync::Arc::new(std::sync::Mutex::new(stream.try_clone().context("cannot clone the control connection")?));
