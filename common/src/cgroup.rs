@@ -89,6 +89,9 @@ pub enum CgroupError {
     /// The chosen hierarchy lacks controllers something needs.
     #[error("{version} at {root}: the {missing} controller(s) are not available ({detail})")]
     MissingControllers { version: Version, root: PathBuf, missing: String, detail: String },
+    /// The cgroup does not exist (in the hierarchy of this directory).
+    #[error("cannot {attempt} in cgroup {cgroup}: {dir} does not exist")]
+    Missing { cgroup: String, dir: PathBuf, attempt: &'static str },
     /// An operation needs a controller the cgroup is not in (v1: not mounted; v2: not enabled for it).
     #[error("cannot {attempt} in cgroup {cgroup}: it has no {controller} controller")]
     NoController { cgroup: String, controller: Controller, attempt: &'static str },
@@ -1028,34 +1031,25 @@ fn append(path: &Path, value: &str) -> Result<(), CgroupError> {
     file.write_all(value.as_bytes()).map_err(err)
 }
 
-/// Writes a file that only exists when the cgroup has `controller`; a missing file says so.
-fn write_controller_file(
+/// The file `file` of the cgroup directory `dir`, for `attempt`. A missing directory means the cgroup does
+/// not exist; a missing file, that it lacks `controller` (`None`: a file every cgroup has). Either is said
+/// so, rather than "no such file".
+fn controller_file(
     cgroup: &dyn Backend,
     dir: &Path,
     file: &str,
-    value: &str,
-    controller: Controller,
+    controller: Option<Controller>,
     attempt: &'static str,
-) -> Result<(), CgroupError> {
-    let path = dir.join(file);
-    if !path.exists() {
-        return Err(CgroupError::NoController { cgroup: cgroup.to_string(), controller, attempt });
+) -> Result<PathBuf, CgroupError> {
+    if !dir.is_dir() {
+        return Err(CgroupError::Missing { cgroup: cgroup.to_string(), dir: dir.to_owned(), attempt });
     }
-    write(&path, value)
-}
-
-/// Reads a file that only exists when the cgroup has `controller`.
-fn read_controller_file(
-    cgroup: &dyn Backend,
-    path: &Path,
-    controller: Controller,
-    attempt: &'static str,
-) -> Result<String, CgroupError> {
-    match std::fs::read_to_string(path) {
-        Err(e) if e.kind() == ErrorKind::NotFound => {
+    let path = dir.join(file);
+    match controller {
+        Some(controller) if !path.exists() => {
             Err(CgroupError::NoController { cgroup: cgroup.to_string(), controller, attempt })
         }
-        other => other.map_err(|source| CgroupError::Read { path: path.to_owned(), source }),
+        _ => Ok(path),
     }
 }
 

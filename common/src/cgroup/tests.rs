@@ -362,6 +362,11 @@ fn v2_reads_usage_limits_max_and_cpu_time() {
     let err = bare.memory_current().unwrap_err().to_string();
     assert_eq!(err, "cannot read the memory usage in cgroup /bare: it has no memory controller");
     assert!(matches!(bare.set_cpus("0"), Err(CgroupError::NoController { controller: Controller::Cpuset, .. })));
+
+    // A cgroup that does not exist says so, not that a file is missing.
+    let err = h.cgroup(&path("/nowhere"), CONTROLLERS).unwrap().cpus().unwrap_err().to_string();
+    let nowhere = tmp.path().join("nowhere");
+    assert_eq!(err, format!("cannot read the CPUs in cgroup /nowhere: {} does not exist", nowhere.display()));
 }
 
 #[test]

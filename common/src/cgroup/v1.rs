@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    Backend, Cgroup as Handle, CgroupError, CgroupPath, Controller, Version, read_controller_file,
-    read_or_empty, read_u64, subtree, write, write_controller_file,
+    Backend, Cgroup as Handle, CgroupError, CgroupPath, Controller, Version, controller_file, read,
+    read_or_empty, read_u64, subtree, write,
 };
 
 /// v1's "no limit": the largest page counter times the page size (9223372036854771712 with 4 KiB pages).
@@ -100,6 +100,11 @@ impl Cgroup {
             .map(|p| p.dir.as_path())
             .ok_or_else(|| CgroupError::NoController { cgroup: self.to_string(), controller, attempt })
     }
+
+    /// Its file `file` of `controller`, or why there is none.
+    fn file(&self, controller: Controller, file: &str, attempt: &'static str) -> Result<PathBuf, CgroupError> {
+        controller_file(self, self.dir_for(controller, attempt)?, file, Some(controller), attempt)
+    }
 }
 
 impl fmt::Display for Cgroup {
@@ -172,39 +177,35 @@ impl Backend for Cgroup {
     }
 
     fn set_cpus(&self, list: &str) -> Result<(), CgroupError> {
-        let dir = self.dir_for(Controller::Cpuset, "set the CPUs")?;
-        write_controller_file(self, dir, "cpuset.cpus", list, Controller::Cpuset, "set the CPUs")
+        write(&self.file(Controller::Cpuset, "cpuset.cpus", "set the CPUs")?, list)
     }
 
     fn set_memory_limit(&self, bytes: Option<u64>) -> Result<(), CgroupError> {
-        let attempt = "set the memory limit";
-        let dir = self.dir_for(Controller::Memory, attempt)?;
         let value = bytes.map_or_else(|| "-1".to_owned(), |b| b.to_string());
-        write_controller_file(self, dir, "memory.limit_in_bytes", &value, Controller::Memory, attempt)
+        write(&self.file(Controller::Memory, "memory.limit_in_bytes", "set the memory limit")?, &value)
     }
 
     fn cpus(&self) -> Result<String, CgroupError> {
-        let attempt = "read the CPUs";
-        let dir = self.dir_for(Controller::Cpuset, attempt)?;
         // The effective list is what the parent lets it have; kernels before 4.7 only have the set one.
-        let effective = dir.join("cpuset.effective_cpus");
-        let path = if effective.exists() { effective } else { dir.join("cpuset.cpus") };
-        Ok(read_controller_file(self, &path, Controller::Cpuset, attempt)?.trim().to_owned())
+        let effective = self.file(Controller::Cpuset, "cpuset.effective_cpus", "read the CPUs");
+        let path = match effective {
+            Err(CgroupError::NoController { .. }) => self.file(Controller::Cpuset, "cpuset.cpus", "read the CPUs"),
+            other => other,
+        }?;
+        Ok(read(&path)?.trim().to_owned())
     }
 
     fn memory_current(&self) -> Result<u64, CgroupError> {
-        read_u64(&self.dir_for(Controller::Memory, "read the memory usage")?.join("memory.usage_in_bytes"))
+        read_u64(&self.file(Controller::Memory, "memory.usage_in_bytes", "read the memory usage")?)
     }
 
     fn memory_limit(&self) -> Result<Option<u64>, CgroupError> {
-        let dir = self.dir_for(Controller::Memory, "read the memory limit")?;
-        let limit = read_u64(&dir.join("memory.limit_in_bytes"))?;
+        let limit = read_u64(&self.file(Controller::Memory, "memory.limit_in_bytes", "read the memory limit")?)?;
         Ok((limit < UNLIMITED_FROM).then_some(limit))
     }
 
     fn cpu_time(&self) -> Result<Duration, CgroupError> {
-        let path = self.dir_for(Controller::Cpuacct, "read the CPU time")?.join("cpuacct.usage");
-        Ok(Duration::from_nanos(read_u64(&path)?))
+        Ok(Duration::from_nanos(read_u64(&self.file(Controller::Cpuacct, "cpuacct.usage", "read the CPU time")?)?))
     }
 
     fn threads_file(&self) -> &'static str {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    Backend, Cgroup as Handle, CgroupError, CgroupPath, Controller, Version, append, read, read_controller_file,
-    read_ids, read_or_empty, subtree, write, write_controller_file,
+    Backend, Cgroup as Handle, CgroupError, CgroupPath, Controller, Version, append, controller_file, read,
+    read_ids, read_or_empty, read_u64, subtree, write,
 };
 
 /// The unified hierarchy's mount.
@@ -52,6 +52,11 @@ impl Cgroup {
             }
         }
         Ok(Self { mount: mount.clone(), path, dir, controllers: names })
+    }
+
+    /// Its file `file`, which exists only with `controller` (`None`: in every cgroup), or why there is none.
+    fn file(&self, controller: Option<Controller>, file: &str, attempt: &'static str) -> Result<PathBuf, CgroupError> {
+        controller_file(self, &self.dir, file, controller, attempt)
     }
 
     /// Gives the children of `dir` the controllers this cgroup needs that `dir` has and does not pass on yet.
@@ -141,29 +146,27 @@ impl Backend for Cgroup {
     }
 
     fn set_cpus(&self, list: &str) -> Result<(), CgroupError> {
-        write_controller_file(self, &self.dir, "cpuset.cpus", list, Controller::Cpuset, "set the CPUs")
+        write(&self.file(Some(Controller::Cpuset), "cpuset.cpus", "set the CPUs")?, list)
     }
 
     fn set_memory_limit(&self, bytes: Option<u64>) -> Result<(), CgroupError> {
         let value = bytes.map_or_else(|| "max".to_owned(), |b| b.to_string());
-        write_controller_file(self, &self.dir, "memory.max", &value, Controller::Memory, "set the memory limit")
+        write(&self.file(Some(Controller::Memory), "memory.max", "set the memory limit")?, &value)
     }
 
     fn cpus(&self) -> Result<String, CgroupError> {
         // `cpuset.cpus` may be empty (take the parent's); the effective list is always filled in.
-        let path = self.dir.join("cpuset.cpus.effective");
-        Ok(read_controller_file(self, &path, Controller::Cpuset, "read the CPUs")?.trim().to_owned())
+        let path = self.file(Some(Controller::Cpuset), "cpuset.cpus.effective", "read the CPUs")?;
+        Ok(read(&path)?.trim().to_owned())
     }
 
     fn memory_current(&self) -> Result<u64, CgroupError> {
-        let path = self.dir.join("memory.current");
-        let text = read_controller_file(self, &path, Controller::Memory, "read the memory usage")?;
-        text.trim().parse().map_err(|e| CgroupError::Parse { path, reason: format!("{text:?}: {e}") })
+        read_u64(&self.file(Some(Controller::Memory), "memory.current", "read the memory usage")?)
     }
 
     fn memory_limit(&self) -> Result<Option<u64>, CgroupError> {
-        let path = self.dir.join("memory.max");
-        let text = read_controller_file(self, &path, Controller::Memory, "read the memory limit")?;
+        let path = self.file(Some(Controller::Memory), "memory.max", "read the memory limit")?;
+        let text = read(&path)?;
         match text.trim() {
             "max" => Ok(None),
             n => n.parse().map(Some).map_err(|e| CgroupError::Parse { path, reason: format!("{text:?}: {e}") }),
@@ -172,7 +175,7 @@ impl Backend for Cgroup {
 
     fn cpu_time(&self) -> Result<Duration, CgroupError> {
         // Every v2 cgroup has cpu.stat's usage lines, with or without the cpu controller.
-        let path = self.dir.join("cpu.stat");
+        let path = self.file(None, "cpu.stat", "read the CPU time")?;
         let text = read(&path)?;
         let usec = text
             .lines()
