@@ -24,6 +24,8 @@ use anyhow::{Context as _, bail, ensure};
 use rmosix_common::key::ClusterKey;
 use rmosix_common::query::{self, ClusterView, Request, Response};
 
+pub mod user;
+
 /// Where cluster state lives.
 pub const STATE_ROOT: &str = "/run/rmosix-cluster";
 /// The first three octets of every node address; node `i` is `10.213.0.i`. Each cluster has its own bridge

@@ -1,0 +1,257 @@
+//! Jobs of an ordinary user, moved between the nodes of a real cluster: real CRIU, real namespaces, real
+//! programs (python3, sort, gzip, sh). The user is [`rmosix_testcluster::user::test_user`], an account with a
+//! home directory and a supplementary group. What is checked is what the user would check: the output and the
+//! files are those of an unmoved run, the exit status arrives, and the job is still theirs, with nothing
+//! gained (uid, gid, groups, no capabilities), its limits and umask.
+
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use rmosix_testcluster::user::{Lines, TestUser, test_user};
+use rmosix_testcluster::{Cluster, Spec, bin_dir_of_current_test};
+
+const PYTHON: &str = "/usr/bin/python3";
+
+fn cluster(name: &str, nodes: u32) -> Cluster {
+    Cluster::up(Spec::new(name, nodes, bin_dir_of_current_test()))
+        .unwrap_or_else(|e| panic!("cannot start test cluster {name}: {e:#}"))
+}
+
+fn user() -> TestUser {
+    test_user().unwrap_or_else(|e| panic!("cannot create the test user: {e}"))
+}
+
+/// `mosrun ARGS...` on node 1 as the test user, stdout piped.
+fn mosrun(c: &Cluster, u: &TestUser, args: &[&str]) -> Child {
+    c.command_as(1, u, "mosrun").unwrap().args(args).stdout(Stdio::piped()).spawn().unwrap()
+}
+
+/// `migrate PID TARGET` on node 1 as the test user; the line it prints.
+fn migrate(c: &Cluster, u: &TestUser, pid: u32, target: &str) -> String {
+    let out = c.command_as(1, u, "migrate").unwrap().args([pid.to_string().as_str(), target]).output().unwrap();
+    assert!(out.status.success(), "migrate {pid} {target}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The whole output and exit code of an unmoved run of the same command, as the same user, on node 1.
+fn unmoved(c: &Cluster, u: &TestUser, args: &[&str]) -> (String, Option<i32>) {
+    let out = c.command_as(1, u, "mosrun").unwrap().args(args).output().unwrap();
+    (String::from_utf8(out.stdout).unwrap(), out.status.code())
+}
+
+/// Processes of node `i` running `comm`.
+fn on_node(c: &Cluster, i: u32, comm: &str) -> Vec<i32> {
+    let [cpuset, _] = c.cgroups(i);
+    std::fs::read_to_string(cpuset.join("cgroup.procs"))
+        .unwrap()
+        .lines()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm))
+        .collect()
+}
+
+/// The identity lines of `/proc/PID/status`: uids, gids, groups and capability sets.
+fn identity(pid: i32) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let keep = ["Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"];
+    status.lines().filter(|l| keep.iter().any(|k| l.starts_with(k))).map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect()
+}
+
+/// Counts primes, printing progress; exits 3. Also prints what the job sees as its own pid, twice: from
+/// `getpid()` and from its `/proc`, which must agree (2, the program under rmosix-init) wherever it runs.
+const PRIMES: &str = r#"
+import os, sys
+n, found = 2, 0
+for line in range(300):
+    limit = n + 3000
+    while n < limit:
+        if all(n % d for d in range(2, int(n ** 0.5) + 1)):
+            found += 1
+        n += 1
+    me = open("/proc/self/stat").read().split()[0]
+    print(line, found, os.getpid(), me, flush=True)
+sys.exit(3)
+"#;
+
+#[test]
+fn a_users_python_job_moves_to_node_2_and_home_and_stays_theirs() {
+    let c = cluster("upy", 2);
+    let u = user();
+    let args = [PYTHON, "-c", PRIMES];
+    let (reference, code) = unmoved(&c, &u, &args);
+    assert_eq!(code, Some(3));
+    assert_eq!(reference.lines().count(), 300);
+    assert!(reference.lines().all(|l| l.ends_with(" 2 2")), "the job sees itself as pid 2 in its own /proc");
+
+    let mut child = mosrun(&c, &u, &args);
+    let pid = child.id();
+    let lines = Lines::of(&mut child);
+    lines.wait_for(30);
+    let [before] = on_node(&c, 1, "python3")[..] else { panic!("one python3 on node 1") };
+    let identity_before = identity(before);
+    assert!(identity_before.contains(&format!("Uid: {0} {0} {0} {0}", u.uid)), "{identity_before:?}");
+
+    let said = migrate(&c, &u, pid, "2");
+    assert!(said.starts_with(&format!("moved {pid} from node 1 to node 2 in ")), "{said}");
+    assert!(on_node(&c, 1, "python3").is_empty(), "no copy left on node 1");
+    let [after] = on_node(&c, 2, "python3")[..] else { panic!("one python3 on node 2") };
+    // Nothing gained by moving: same uids, gids, groups, and capability sets (none but the bounding set).
+    assert_eq!(identity(after), identity_before);
+    let groups = identity(after).into_iter().find(|l| l.starts_with("Groups:")).unwrap();
+    for g in &u.groups {
+        assert!(groups.split_whitespace().any(|x| x == g.to_string()), "group {g} kept: {groups}");
+    }
+
+    let n = lines.count();
+    lines.wait_for(n + 30);
+    let said = migrate(&c, &u, pid, "home");
+    assert!(said.starts_with(&format!("moved {pid} from node 2 to node 1 in ")), "{said}");
+    assert!(on_node(&c, 2, "python3").is_empty(), "no copy left on node 2");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3), "the job's exit status reaches its deputy");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lines.text(), reference, "output identical to an unmoved run");
+}
+
+/// Writes 400 numbered lines into the file named by its argument, slowly, with a flush (and fsync) per line,
+/// and says how far it got on stdout.
+const WRITER: &str = r#"
+import os, sys, time
+with open(sys.argv[1], "w") as f:
+    for i in range(400):
+        f.write(f"{i} {i * i % 977} {'x' * (i % 50)}\n")
+        f.flush()
+        os.fsync(f.fileno())
+        if i % 10 == 0:
+            print(i, flush=True)
+        time.sleep(0.01)
+print("done", flush=True)
+"#;
+
+#[test]
+fn a_file_in_the_users_home_written_across_a_move_is_whole() {
+    let c = cluster("ufile", 2);
+    let u = user();
+    let reference_file = u.home.join("rmosix-unmoved.txt");
+    let moved_file = u.home.join("rmosix-moved.txt");
+    let (out, code) = unmoved(&c, &u, &[PYTHON, "-c", WRITER, reference_file.to_str().unwrap()]);
+    assert_eq!((out.lines().last(), code), (Some("done"), Some(0)));
+
+    let mut child = mosrun(&c, &u, &[PYTHON, "-c", WRITER, moved_file.to_str().unwrap()]);
+    let pid = child.id();
+    let lines = Lines::of(&mut child);
+    lines.wait_for(8);
+    let said = migrate(&c, &u, pid, "2");
+    assert!(said.contains("from node 1 to node 2"), "{said}");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(lines.text(), out);
+    let written = std::fs::read(&moved_file).unwrap();
+    assert_eq!(written, std::fs::read(&reference_file).unwrap(), "the file is what an unmoved run writes");
+    let meta = std::fs::metadata(&moved_file).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), u.uid, "the file belongs to the user");
+    let _ = std::fs::remove_file(reference_file);
+    let _ = std::fs::remove_file(moved_file);
+}
+
+/// A shell pipeline of real programs: numbers made slowly by a shell loop, sorted, compressed and
+/// decompressed, summed up at the end.
+const PIPELINE: &str = "i=0; while [ $i -lt 300 ]; do echo $(( (i * 7919) % 1009 )); i=$((i + 1)); sleep 0.01; done \
+                        | sort -n | gzip -1 | gzip -dc | uniq -c | sort -rn | head -20; echo end";
+
+#[test]
+fn a_shell_pipeline_with_sort_and_gzip_moves_mid_run() {
+    let c = cluster("upipe", 2);
+    let u = user();
+    let args = ["/bin/sh", "-c", PIPELINE];
+    let (reference, code) = unmoved(&c, &u, &args);
+    assert_eq!(code, Some(0));
+    assert!(reference.ends_with("end\n") && reference.lines().count() == 21, "{reference}");
+
+    let mut child = mosrun(&c, &u, &args);
+    let pid = child.id();
+    let lines = Lines::of(&mut child);
+    // The loop runs for about 3 s and nothing is printed before it ends: move it in the middle.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(lines.count(), 0);
+    let said = migrate(&c, &u, pid, "2");
+    assert!(said.contains("from node 1 to node 2"), "{said}");
+    assert!(!on_node(&c, 2, "sort").is_empty() || !on_node(&c, 2, "sh").is_empty(), "the pipeline runs on node 2");
+    assert!(child.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lines.text(), reference);
+}
+
+/// Prints, every 50 ms, the job's open-files limit, its umask, the mode of a file it creates, a variable
+/// of its environment and its working directory.
+const LIMITS: &str = r#"
+import os, resource, time
+for i in range(120):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    mask = os.umask(0); os.umask(mask)
+    path = f"rmosix-umask-{os.getppid()}-{i}"
+    with open(path, "w"):
+        pass
+    mode = os.stat(path).st_mode & 0o777
+    os.remove(path)
+    print(i, soft, hard, oct(mask), oct(mode), os.environ.get("RMOSIX_TEST_VAR"), os.getcwd(), flush=True)
+    time.sleep(0.05)
+"#;
+
+#[test]
+fn the_users_limits_umask_environment_and_directory_hold_after_a_move() {
+    let c = cluster("ulimit", 2);
+    let u = user();
+    let mosrun = rmosix_testcluster::user::reachable_tools(&bin_dir_of_current_test()).unwrap().join("mosrun");
+    let script = format!("umask 077; ulimit -n 256; exec {} {PYTHON} -c '{LIMITS}'", mosrun.display());
+    let mut child = c
+        .command_as(1, &u, "/bin/sh")
+        .unwrap()
+        .args(["-c", &script])
+        .env("RMOSIX_TEST_VAR", "kept across moves")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The deputy is the shell's exec'd mosrun: same pid.
+    let pid = child.id();
+    let lines = Lines::of(&mut child);
+    lines.wait_for(10);
+    let said = migrate(&c, &u, pid, "2");
+    assert!(said.contains("from node 1 to node 2"), "{said}");
+    let n = lines.count();
+    lines.wait_for(n + 10);
+    let said = migrate(&c, &u, pid, "home");
+    assert!(said.contains("from node 2 to node 1"), "{said}");
+    assert!(child.wait().unwrap().success());
+    let text = lines.text();
+    assert_eq!(text.lines().count(), 120);
+    let home = u.home.display().to_string();
+    for (i, line) in text.lines().enumerate() {
+        assert_eq!(line, format!("{i} 256 256 0o77 0o600 kept across moves {home}"), "line {i} of\n{text}");
+    }
+}
+
+#[test]
+fn only_the_owner_and_root_move_a_users_job() {
+    let c = cluster("uowner", 2);
+    let u = user();
+    let mut child = mosrun(&c, &u, &[PYTHON, "-c", "import time\nfor i in range(400):\n    print(i, flush=True); time.sleep(0.05)"]);
+    let pid = child.id();
+    let lines = Lines::of(&mut child);
+    lines.wait_for(2);
+    // Another user (nobody) is refused, in words.
+    let mut nobody = c.command(1, "setpriv").unwrap();
+    let tools = rmosix_testcluster::user::reachable_tools(&bin_dir_of_current_test()).unwrap();
+    nobody.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(tools.join("migrate")).args([pid.to_string().as_str(), "2"]);
+    let refused = nobody.current_dir("/").output().unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(err.trim(), format!("migrate: cannot move {pid}: it is not your job (it belongs to {}); only its owner or root may move it", u.name));
+    assert_eq!(on_node(&c, 1, "python3").len(), 1, "still running at home");
+    // Root may move anyone's job; it stays the user's.
+    let out = c.command(1, "migrate").unwrap().args([pid.to_string().as_str(), "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let [moved] = on_node(&c, 2, "python3")[..] else { panic!("one python3 on node 2") };
+    assert!(identity(moved).contains(&format!("Uid: {0} {0} {0} {0}", u.uid)));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
