@@ -15,6 +15,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("llvm", "llvm-strip and llvm-objdump for the eBPF objects"),
     ("libbpf-dev", "bpf_helpers.h and friends for the eBPF probes"),
     ("bpftool", "vmlinux.h generation for the eBPF probes"),
+    ("passwd", "useradd and groupadd: the tests and the demo run jobs as an ordinary user they create"),
+    ("python3", "a real program the tests and the demo move between nodes"),
+    ("gzip", "a real compressor in the pipelines the tests move"),
 ];
 
 fn installed(package: &str) -> bool {
