@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::NodeId;
+use crate::cgroup::CgroupPath;
 
 /// Where the configuration is looked for when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rmosix/rmosix.toml";
@@ -129,7 +130,7 @@ pub struct LoadConfig {
 pub enum ResourceSource {
     /// The whole host: `/proc/loadavg`, `/proc/meminfo`, the CPUs infod may run on.
     Host,
-    /// One cgroup (v1): a simulated node of the local test cluster.
+    /// One cgroup (v1 or v2, see [`crate::cgroup`]): a simulated node of the local test cluster.
     Cgroup,
 }
 
@@ -139,10 +140,10 @@ pub enum ResourceSource {
 pub struct ResourcesConfig {
     /// Which view to use.
     pub source: ResourceSource,
-    /// The cpuset cgroup directory of the node (for `source = "cgroup"`): its CPUs and its tasks.
-    pub cpuset_cgroup: Option<PathBuf>,
-    /// The memory cgroup directory of the node (for `source = "cgroup"`): its limit and usage.
-    pub memory_cgroup: Option<PathBuf>,
+    /// The node's cgroup (for `source = "cgroup"`): its CPUs, tasks, memory limit and usage. A path from the
+    /// root of the cgroup hierarchy such as `/rmosix-local/node1`, not a directory, so the same setting works
+    /// on cgroup v1 (in the cpuset and memory hierarchies) and v2.
+    pub cgroup: Option<CgroupPath>,
     /// Relative CPU speed; overrides the map's `speed=` for this node.
     pub speed: Option<f64>,
 }
@@ -194,7 +195,7 @@ impl Default for LoadConfig {
 
 impl Default for ResourcesConfig {
     fn default() -> Self {
-        Self { source: ResourceSource::Host, cpuset_cgroup: None, memory_cgroup: None, speed: None }
+        Self { source: ResourceSource::Host, cgroup: None, speed: None }
     }
 }
 
@@ -296,12 +297,10 @@ impl Config {
         {
             return bad("resources.speed", "must be a positive number");
         }
-        if self.resources.source == ResourceSource::Cgroup
-            && (self.resources.cpuset_cgroup.is_none() || self.resources.memory_cgroup.is_none())
-        {
+        if self.resources.source == ResourceSource::Cgroup && self.resources.cgroup.is_none() {
             return bad(
-                "resources",
-                "source = \"cgroup\" needs both cpuset_cgroup and memory_cgroup",
+                "resources.cgroup",
+                "source = \"cgroup\" needs the node's cgroup, a path such as \"/rmosix-local/node1\"",
             );
         }
         Ok(())
@@ -364,6 +363,29 @@ mod tests {
             "x.toml: infod.down_after_ms: must be longer than infod.interval_ms"
         );
         assert!(Config::parse("[load]\nrise = 1.0\n", Path::new("x")).is_err());
-        assert!(Config::parse("[resources]\nsource = \"cgroup\"\n", Path::new("x")).is_err());
+        let err = Config::parse("[resources]\nsource = \"cgroup\"\n", Path::new("x.toml")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "x.toml: resources.cgroup: source = \"cgroup\" needs the node's cgroup, a path such as \"/rmosix-local/node1\""
+        );
+    }
+
+    #[test]
+    fn the_node_cgroup_is_one_path_from_the_hierarchy_root() {
+        let text = "[resources]\nsource = \"cgroup\"\ncgroup = \"/rmosix-local/node1\"\n";
+        let c = Config::parse(text, Path::new("/srv/n1/rmosix.toml")).unwrap();
+        assert_eq!(c.resources.source, ResourceSource::Cgroup);
+        assert_eq!(c.resources.cgroup.unwrap().as_str(), "/rmosix-local/node1");
+        // Not a directory, and not relative to the file: relative paths and `..` are refused.
+        for bad in ["rmosix-local/node1", "/rmosix-local/../node1"] {
+            let text = format!("[resources]\nsource = \"cgroup\"\ncgroup = \"{bad}\"\n");
+            let err = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
+            assert!(err.contains("is not a cgroup path"), "{err}");
+        }
+        // The v1-only keys of earlier versions are gone.
+        let err = Config::parse("[resources]\ncpuset_cgroup = \"/sys/fs/cgroup/cpuset/x\"\n", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `cpuset_cgroup`"), "{err}");
     }
 }

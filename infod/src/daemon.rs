@@ -41,17 +41,23 @@ pub enum StartError {
     },
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("cannot measure the node through its cgroup {path}: {source}")]
+    Cgroup {
+        path: rmosix_common::cgroup::CgroupPath,
+        #[source]
+        source: rmosix_common::cgroup::CgroupError,
+    },
 }
 
 /// The resource view the configuration asks for.
-pub fn resources(config: &Config) -> Box<dyn ResourceView> {
-    match config.resources.source {
+pub fn resources(config: &Config) -> Result<Box<dyn ResourceView>, StartError> {
+    Ok(match config.resources.source {
         ResourceSource::Host => Box::new(Host),
-        ResourceSource::Cgroup => Box::new(Cgroup::new(
-            config.resources.cpuset_cgroup.clone().expect("validated"),
-            config.resources.memory_cgroup.clone().expect("validated"),
-        )),
-    }
+        ResourceSource::Cgroup => {
+            let path = config.resources.cgroup.as_ref().expect("validated");
+            Box::new(Cgroup::open(path).map_err(|source| StartError::Cgroup { path: path.clone(), source })?)
+        }
+    })
 }
 
 /// Monotonic milliseconds. Starts far from zero so that ages subtracted from it never saturate.

@@ -63,7 +63,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let resources = daemon::resources(&settings.config);
+    let resources = daemon::resources(&settings.config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

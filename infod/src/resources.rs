@@ -1,11 +1,14 @@
 //! Where a node's load and memory are read.
 //!
-//! A real host reads `/proc`; a simulated node of the local test cluster reads its own cgroups (its cpuset's
-//! tasks and CPUs, its memory cgroup's limit and usage), so several nodes on one machine each see their own
-//! load. Both sit behind [`ResourceView`], which is also what unit tests fake.
+//! A real host reads `/proc`; a simulated node of the local test cluster reads its own cgroup (its tasks and
+//! CPUs, its memory limit and usage, through [`rmosix_common::cgroup`], on cgroup v1 or v2), so several nodes
+//! on one machine each see their own load. Both sit behind [`ResourceView`], which is also what unit tests
+//! fake.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+
+use rmosix_common::cgroup::{self, CgroupError, CgroupPath, Hierarchy};
 
 /// Reading the node's resources failed.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +21,8 @@ pub enum ResourceError {
     },
     #[error("cannot parse {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
 }
 
 /// The node's resources.
@@ -85,33 +90,28 @@ fn meminfo() -> Result<(u64, u64), ResourceError> {
     Ok((free.min(total), total))
 }
 
-/// One simulated node: a cgroup-v1 cpuset directory and a memory directory.
+/// One simulated node: its cgroup, in the cpuset and memory controllers (v1) or the unified hierarchy (v2).
 #[derive(Debug)]
 pub struct Cgroup {
-    cpuset: PathBuf,
-    memory: PathBuf,
+    cgroup: cgroup::Cgroup,
 }
 
 impl Cgroup {
-    /// The node whose cgroups are these directories.
-    pub fn new(cpuset: PathBuf, memory: PathBuf) -> Self {
-        Self { cpuset, memory }
+    /// The node whose cgroup this is.
+    pub fn new(cgroup: cgroup::Cgroup) -> Self {
+        Self { cgroup }
     }
-}
 
-/// Counts the CPUs in a cpuset list such as `0-3,8,10-11`.
-pub fn count_cpu_list(list: &str) -> Option<u32> {
-    let mut n = 0u32;
-    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
-        n += if let Some((a, b)) = part.split_once('-') {
-            let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
-            b.checked_sub(a)? + 1
-        } else {
-            part.parse::<u32>().ok()?;
-            1
-        };
+    /// The node whose cgroup is `path` in this host's hierarchy (v1 or v2). It must exist with its CPUs
+    /// and memory, so a wrong path stops infod at start rather than at every measurement.
+    pub fn open(path: &CgroupPath) -> Result<Self, CgroupError> {
+        let hierarchy = Hierarchy::detect()?;
+        hierarchy.require(cgroup::REQUIRED)?;
+        let cgroup = hierarchy.cgroup(path, cgroup::REQUIRED)?;
+        cgroup.cpus()?;
+        cgroup.memory_limit()?;
+        Ok(Self { cgroup })
     }
-    Some(n)
 }
 
 /// State letter of a task from its `/proc/.../stat` line (the field after the parenthesised command name).
@@ -121,14 +121,14 @@ pub fn stat_state(stat: &str) -> Option<char> {
 
 impl ResourceView for Cgroup {
     fn runnable(&mut self) -> Result<f64, ResourceError> {
-        let tasks_path = self.cpuset.join("tasks");
-        let tasks = read(&tasks_path)?;
-        let own: HashSet<String> = std::fs::read_dir("/proc/self/task")
-            .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        // Every thread of the node, jobs in their own child cgroups included.
+        let tasks = self.cgroup.threads()?;
+        let own: HashSet<i32> = std::fs::read_dir("/proc/self/task")
+            .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
             .unwrap_or_default();
         let running = tasks
-            .lines()
-            .filter(|tid| !own.contains(*tid))
+            .iter()
+            .filter(|tid| !own.contains(&tid.as_raw()))
             .filter_map(|tid| std::fs::read_to_string(format!("/proc/{tid}/stat")).ok())
             .filter(|stat| stat_state(stat) == Some('R'))
             .count();
@@ -136,22 +136,18 @@ impl ResourceView for Cgroup {
     }
 
     fn cpus(&mut self) -> Result<u32, ResourceError> {
-        let path = self.cpuset.join("cpuset.cpus");
-        let text = read(&path)?;
-        count_cpu_list(&text).filter(|&n| n > 0).ok_or_else(|| parse_err(&path, "bad CPU list"))
+        let n = self.cgroup.cpu_count()?;
+        if n == 0 {
+            return Err(parse_err(&self.cgroup.procs_dir(), "the node's cgroup has no CPUs"));
+        }
+        Ok(n)
     }
 
     fn memory(&mut self) -> Result<(u64, u64), ResourceError> {
-        let number = |name: &str| {
-            let path = self.memory.join(name);
-            let text = read(&path)?;
-            text.trim().parse::<u64>().map_err(|e| parse_err(&path, e.to_string()))
-        };
-        let limit = number("memory.limit_in_bytes")?;
-        let usage = number("memory.usage_in_bytes")?;
-        // An unlimited cgroup reports a huge limit: the host's memory is the real one.
+        let usage = self.cgroup.memory_current()?;
+        // An unlimited cgroup: the host's memory is the real limit.
         let (host_free, host_total) = meminfo()?;
-        let total = limit.min(host_total);
+        let total = self.cgroup.memory_limit()?.unwrap_or(host_total).min(host_total);
         let free = total.saturating_sub(usage).min(host_free);
         Ok((free, total))
     }
@@ -162,18 +158,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cpu_lists() {
-        assert_eq!(count_cpu_list("0-3,8,10-11\n"), Some(7));
-        assert_eq!(count_cpu_list("1"), Some(1));
-        assert_eq!(count_cpu_list("3-1"), None);
-        assert_eq!(count_cpu_list("x"), None);
-    }
-
-    #[test]
     fn stat_states_survive_odd_command_names() {
         assert_eq!(stat_state("42 (a) b) R 1 2 3"), Some('R'));
         assert_eq!(stat_state("42 (sleep) S 1"), Some('S'));
         assert_eq!(stat_state("garbage"), None);
+    }
+
+    #[test]
+    fn the_cgroup_view_reads_a_v2_node() {
+        let tmp = tempfile::tempdir().unwrap();
+        let node = tmp.path().join("rmosix-t/node1");
+        std::fs::create_dir_all(&node).unwrap();
+        for (file, text) in [
+            ("cpuset.cpus.effective", "0-1\n"),
+            ("memory.max", "1073741824\n"),
+            ("memory.current", "268435456\n"),
+            ("cgroup.threads", ""),
+        ] {
+            std::fs::write(node.join(file), text).unwrap();
+        }
+        let path = CgroupPath::new("/rmosix-t/node1").unwrap();
+        let hierarchy = Hierarchy::v2(tmp.path());
+        let mut view = Cgroup::new(hierarchy.cgroup(&path, cgroup::REQUIRED).unwrap());
+        assert_eq!(view.cpus().unwrap(), 2);
+        let (_, host_total) = meminfo().unwrap();
+        let (free, total) = view.memory().unwrap();
+        assert_eq!(total, host_total.min(1 << 30));
+        assert!(free <= total - (256 << 20));
+        assert!(view.runnable().unwrap().abs() < f64::EPSILON);
+        // No limit: the host's memory is the node's.
+        std::fs::write(node.join("memory.max"), "max\n").unwrap();
+        assert_eq!(view.memory().unwrap().1, host_total);
     }
 
     #[test]

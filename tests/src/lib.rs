@@ -306,8 +306,7 @@ impl Cluster {
                  socket = \"infod.sock\"\n\n\
                  [resources]\n\
                  source = \"cgroup\"\n\
-                 cpuset_cgroup = \"{}\"\n\
-                 memory_cgroup = \"{}\"\n\n\
+                 cgroup = \"/rmosix-{name}/node{i}\"\n\n\
                  [migd]\n\
                  port = {MIGD_PORT}\n\
                  socket = \"migd.sock\"\n\
@@ -316,8 +315,6 @@ impl Cluster {
                  criu = \"{}\"\n\
                  image_store = \"{IMAGE_STORE}\"\n\
                  log_dir = \"criu-logs\"\n",
-                cpuset.display(),
-                memory.display(),
                 criu_path().display(),
             );
             std::fs::write(self.config(i), config)?;
