@@ -2,10 +2,10 @@
 //!
 //! It starts the cluster, waits until every node knows every other, puts a CPU hog on node 2 and shows node
 //! 4 noticing it and steering new work elsewhere, kills node 3's infod and shows the cluster marking it down,
-//! then brings it back. Then a job started with `mosrun` on node 1 is moved to node 2, node 3 and home while
-//! it runs, and its output at the deputy is compared with an unmoved run's.
+//! then brings it back. Then a job an ordinary user starts with `mosrun` on node 1 (python3, counting primes) is
+//! moved to node 2, node 3 and home while it runs, and its output at the deputy is compared with an unmoved run's.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -98,18 +98,31 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A job started with mosrun on node 1 travels to node 2, node 3 and home while it runs; its deputy gets all
-/// of its output.
+/// A CPU-bound Python program: counts primes in 400 steps, printing each step.
+const PRIMES: &str = "
+n, found = 2, 0
+for step in range(400):
+    limit = n + 4000
+    while n < limit:
+        if all(n % d for d in range(2, int(n ** 0.5) + 1)):
+            found += 1
+        n += 1
+    print(step, n, found, flush=True)
+";
+
+/// A job an ordinary user starts with mosrun on node 1 travels to node 2, node 3 and home while it runs; its
+/// deputy gets all of its output.
 fn migration(cluster: &Cluster, start: Instant) -> anyhow::Result<()> {
-    let job = crate::bin_dir().join("rmx-job");
-    let args = ["spin", "400", "3000000"];
-    // What an unmoved run prints, computed meanwhile.
+    let user = rmosix_testcluster::user::test_user()?;
+    let args = ["/usr/bin/python3", "-c", PRIMES];
+    // What an unmoved run prints, computed meanwhile, as the same user.
     let reference = {
-        let job = job.clone();
-        std::thread::spawn(move || Command::new(job).args(args).output().map(|o| o.stdout))
+        let mut plain = cluster.command_as(1, &user, args[0])?;
+        plain.args(&args[1..]);
+        std::thread::spawn(move || plain.output().map(|o| o.stdout))
     };
-    step(start, "mosrun on node 1: a CPU-bound job printing 400 steps and a checksum");
-    let mut deputy = cluster.command(1, "mosrun")?.arg(&job).args(args).stdout(Stdio::piped()).spawn()?;
+    step(start, &format!("user {} runs `mosrun python3` on node 1: a CPU-bound job counting primes in 400 steps", user.name));
+    let mut deputy = cluster.command_as(1, &user, "mosrun")?.args(args).stdout(Stdio::piped()).spawn()?;
     let pid = deputy.id().to_string();
     let rx = crate::benchmarks::lines(deputy.stdout.take().context("no stdout")?);
     let mut seen: Vec<String> = Vec::new();
@@ -118,13 +131,13 @@ fn migration(cluster: &Cluster, start: Instant) -> anyhow::Result<()> {
             seen.push(rx.recv_timeout(Duration::from_mins(1)).context("the job stopped printing")?);
         }
         println!("  deputy has {} lines, last: {}", seen.len(), seen.last().map_or("", String::as_str));
-        let said = cluster.command(1, "migrate")?.args([pid.as_str(), target]).output()?;
+        let said = cluster.command_as(1, &user, "migrate")?.args([pid.as_str(), target]).output()?;
         anyhow::ensure!(said.status.success(), "migrate failed: {}", String::from_utf8_lossy(&said.stderr));
-        print!("  $ migrate {pid} {target}\n  {}", String::from_utf8_lossy(&said.stdout));
+        print!("  {}$ migrate {pid} {target}\n  {}", user.name, String::from_utf8_lossy(&said.stdout));
     }
     seen.extend(rx.iter());
     let status = deputy.wait()?;
-    let expected = reference.join().map_err(|_| anyhow::anyhow!("reference run panicked"))?.context("cannot run rmx-job")?;
+    let expected = reference.join().map_err(|_| anyhow::anyhow!("reference run panicked"))?.context("cannot run python3")?;
     let mut got = seen.join("\n");
     got.push('\n');
     step(
