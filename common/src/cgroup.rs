@@ -641,6 +641,7 @@ trait Backend: fmt::Display {
     fn version(&self) -> Version;
     fn path(&self) -> &CgroupPath;
     fn dirs(&self) -> Vec<PathBuf>;
+    fn controller_dir(&self, controller: Controller) -> Option<PathBuf>;
     fn child(&self, name: &str) -> Result<Cgroup, CgroupError>;
     fn create(&self) -> Result<(), CgroupError>;
     fn set_cpus(&self, list: &str) -> Result<(), CgroupError>;
@@ -690,6 +691,13 @@ impl Cgroup {
     /// `<dir>/cgroup.procs`.
     pub fn dirs(&self) -> Vec<PathBuf> {
         self.backend().dirs()
+    }
+
+    /// The directory holding its files of `controller` (v1: in that controller's hierarchy; v2: its one
+    /// directory), for a caller reading a file this module does not know (`memory.stat`, ...). `None` on v1
+    /// when the controller is not among its hierarchies.
+    pub fn controller_dir(&self, controller: Controller) -> Option<PathBuf> {
+        self.backend().controller_dir(controller)
     }
 
     /// The directory whose `cgroup.procs` lists the processes placed directly in it (v1: its cpuset

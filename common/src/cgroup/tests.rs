@@ -138,6 +138,8 @@ fn a_hybrid_host_uses_its_v1_controllers() {
     );
     assert_eq!(c.procs_dir(), cg.join("cpuset/rmosix-local/node1"));
     assert_eq!(c.procs_files()[1], cg.join("memory/rmosix-local/node1/cgroup.procs"));
+    assert_eq!(c.controller_dir(Controller::Pids), Some(cg.join("pids/rmosix-local/node1")));
+    assert_eq!(c.controller_dir(Controller::Cpu), None);
     assert_eq!(c.to_string(), "/rmosix-local/node1");
 }
 
@@ -174,6 +176,7 @@ fn a_unified_host_uses_v2_and_says_which_controllers_it_lacks() {
     let c = h.cgroup(&path("/rmosix-local/node1"), CONTROLLERS).unwrap();
     assert_eq!(c.dirs(), [root.join("rmosix-local/node1")]);
     assert_eq!(c.procs_files(), [root.join("rmosix-local/node1/cgroup.procs")]);
+    assert_eq!(c.controller_dir(Controller::Memory), Some(root.join("rmosix-local/node1")));
 }
 
 #[test]

@@ -92,11 +92,14 @@ impl Cgroup {
         Ok(Self { places })
     }
 
+    /// Its place in the hierarchy of `controller`.
+    fn place_of(&self, controller: Controller) -> Option<&Place> {
+        self.places.iter().find(|p| p.controllers.contains(&controller))
+    }
+
     /// Its directory in the hierarchy of `controller`, or why there is none.
     fn dir_for(&self, controller: Controller, attempt: &'static str) -> Result<&Path, CgroupError> {
-        self.places
-            .iter()
-            .find(|p| p.controllers.contains(&controller))
+        self.place_of(controller)
             .map(|p| p.dir.as_path())
             .ok_or_else(|| CgroupError::NoController { cgroup: self.to_string(), controller, attempt })
     }
@@ -132,6 +135,10 @@ impl Backend for Cgroup {
 
     fn dirs(&self) -> Vec<PathBuf> {
         self.places.iter().map(|p| p.dir.clone()).collect()
+    }
+
+    fn controller_dir(&self, controller: Controller) -> Option<PathBuf> {
+        self.place_of(controller).map(|p| p.dir.clone())
     }
 
     fn child(&self, name: &str) -> Result<Handle, CgroupError> {

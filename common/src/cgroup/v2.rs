@@ -121,6 +121,10 @@ impl Backend for Cgroup {
         vec![self.dir.clone()]
     }
 
+    fn controller_dir(&self, _: Controller) -> Option<PathBuf> {
+        Some(self.dir.clone())
+    }
+
     fn child(&self, name: &str) -> Result<Handle, CgroupError> {
         Ok(Handle::v2(Self {
             mount: self.mount.clone(),
