@@ -34,8 +34,8 @@
 //!   of memory (shared anonymous memory, `SysV`, memfd, tmpfs such as `/dev/shm`) that a process outside
 //!   the job maps too, writable on one side at least, or of a file on disk that the job writes to. CRIU
 //!   dumps it without complaint, and after the move the two sides would silently stop sharing. Found by
-//!   comparing `(device, inode)` against the maps of every other process, read only when the job has
-//!   shared mappings at all.
+//!   comparing `(device, inode)`, for `SysV` memory `(IPC namespace, id)`, against the maps of every other
+//!   process, read only when the job has shared mappings at all.
 //! - **nested namespaces** ([`Reason::NestedNamespace`]): a job process in a pid, ipc, uts, user, cgroup
 //!   or time namespace other than the job root's and ours ("Can't dump nested pid namespace").
 //!
@@ -960,7 +960,8 @@ struct Mapping {
     end: u64,
     writable: bool,
     shared: bool,
-    /// Device (major, minor) and inode of the mapped object; inode 0 for anonymous memory.
+    /// Device (major, minor) and inode of the mapped object; inode 0 for anonymous memory. For `SysV`
+    /// memory the "inode" is the segment's id, 0 for the first segment of an IPC namespace.
     dev: (u32, u32),
     inode: u64,
     path: String,
@@ -1359,6 +1360,41 @@ fn sysv_key(path: &str) -> Option<u32> {
     u32::from_str_radix(key.get(..8)?, 16).ok()
 }
 
+/// What a shared mapping maps, as `/proc/PID/maps` tells it: the same key in two processes is the same
+/// object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum MappedObject {
+    /// A file, memfd or shared anonymous memory, by device and inode.
+    File { dev: (u32, u32), inode: u64 },
+    /// A `SysV` segment, whose "inode" in `maps` is its id. An id is no inode: ids are numbered apart from
+    /// the inodes of the kernel's shmem mount the segment lives on, where memfds and shared anonymous
+    /// memory live too, so one of those may show the same device and inode; the first id of an IPC
+    /// namespace is 0, the inode of no object at all; and an id is unique only within its IPC namespace,
+    /// here the namespace link, `None` if it can't be read. Reading it needs the same access as reading
+    /// `maps`, so it is unreadable only on a kernel without IPC namespaces (`None` on both sides alike) or
+    /// for a process that has just ended (and shares nothing any more).
+    Sysv { ipc: Option<String>, id: u64 },
+}
+
+impl MappedObject {
+    /// What a mapping maps, if it is shared and maps an object; `ipc` is asked only of `SysV` memory.
+    fn of(mapping: &Mapping, ipc: impl FnOnce() -> Option<String>) -> Option<Self> {
+        if !mapping.shared {
+            None
+        } else if sysv_key(&mapping.path).is_some() {
+            Some(Self::Sysv { ipc: ipc(), id: mapping.inode })
+        } else {
+            // Inode 0: memory of no object, which no other process can map.
+            (mapping.inode != 0).then_some(Self::File { dev: mapping.dev, inode: mapping.inode })
+        }
+    }
+}
+
+/// The IPC namespace link of process `pid`, `None` if it can't be read.
+fn ipc_namespace(proc: &ProcFs, pid: i32) -> Option<String> {
+    fs::read_link(proc.of(pid).join("ns/ipc")).ok().map(|link| link.to_string_lossy().into_owned())
+}
+
 /// A shared mapping of the job, looked for in other processes.
 #[derive(Debug)]
 struct SharedObject<'a> {
@@ -1368,9 +1404,6 @@ struct SharedObject<'a> {
     writable: bool,
     /// Memory (see [`is_memory`]) rather than a file on disk.
     memory: bool,
-    /// For `SysV` memory, whose inode is its id and so unique only within an IPC namespace: the job
-    /// process's IPC namespace.
-    sysv_ipc: Option<&'a str>,
     reported: bool,
 }
 
@@ -1379,25 +1412,28 @@ struct SharedObject<'a> {
 /// reads is the same as reading the file, which after a move reads the destination's copy, and clients of
 /// `sssd` or `nscd` map those daemons' caches so; refusing them would pin every job that looked up a user.
 fn shared_memory(proc: &ProcFs, job: &[Process], reasons: &mut Vec<Reason>) {
-    let mut wanted: HashMap<((u32, u32), u64), SharedObject<'_>> = HashMap::new();
+    let mut wanted: HashMap<MappedObject, SharedObject<'_>> = HashMap::new();
     for process in job {
-        for mapping in process.maps.iter().filter(|mapping| mapping.shared && mapping.inode != 0) {
-            wanted
-                .entry((mapping.dev, mapping.inode))
-                .and_modify(|object| object.writable |= mapping.writable)
-                .or_insert_with(|| SharedObject {
+        for mapping in &process.maps {
+            let Some(object) = MappedObject::of(mapping, || process.namespaces.get("ipc").cloned()) else {
+                continue;
+            };
+            wanted.entry(object).and_modify(|object| object.writable |= mapping.writable).or_insert_with(|| {
+                SharedObject {
                     pid: process.pid,
                     path: &mapping.path,
                     writable: mapping.writable,
                     memory: is_memory(proc, process.pid, mapping),
-                    sysv_ipc: sysv_key(&mapping.path).and_then(|_| process.namespaces.get("ipc")).map(String::as_str),
                     reported: false,
-                });
+                }
+            });
         }
     }
     if wanted.is_empty() {
         return;
     }
+    // An outsider's IPC namespace is read only if it may matter.
+    let wants_sysv = wanted.keys().any(|object| matches!(object, MappedObject::Sysv { .. }));
     let members: HashSet<i32> = job.iter().map(|process| process.pid).collect();
     let entries = match fs::read_dir(proc.root()) {
         Ok(entries) => entries,
@@ -1414,22 +1450,17 @@ fn shared_memory(proc: &ProcFs, job: &[Process], reasons: &mut Vec<Reason>) {
         }
         // A process we can't read, or that just ended, shares nothing we can know of.
         let Ok(maps) = fs::read(proc.of(other).join("maps")) else { continue };
-        let mut other_ipc = None;
+        let mut other_ipc: Option<Option<String>> = None;
         for mapping in String::from_utf8_lossy(&maps).lines().filter_map(parse_maps_line) {
-            if !mapping.shared || mapping.inode == 0 {
+            if !wants_sysv && sysv_key(&mapping.path).is_some() {
                 continue;
             }
-            let Some(object) = wanted.get_mut(&(mapping.dev, mapping.inode)) else { continue };
+            let ipc = || other_ipc.get_or_insert_with(|| ipc_namespace(proc, other)).clone();
+            let Some(object) = MappedObject::of(&mapping, ipc).and_then(|key| wanted.get_mut(&key)) else {
+                continue;
+            };
             if object.reported || !(object.writable || object.memory && mapping.writable) {
                 continue;
-            }
-            if let Some(ours) = object.sysv_ipc {
-                let theirs = other_ipc.get_or_insert_with(|| {
-                    fs::read_link(proc.of(other).join("ns/ipc")).ok().map(|link| link.to_string_lossy().into_owned())
-                });
-                if theirs.as_deref().is_some_and(|theirs| theirs != ours) {
-                    continue;
-                }
             }
             object.reported = true;
             left -= 1;
@@ -1882,6 +1913,35 @@ mod tests {
     }
 
     #[test]
+    fn sysv_ids_are_not_inodes() {
+        let fake = FakeProc::new();
+        fake.process(10, &[]).process(500, &[]);
+        fake.link("10/ns/ipc", "ipc:[99]");
+        fake.link("500/ns/ipc", "ipc:[99]");
+        // As Linux shows them (seen on 6.18): the first segment of an IPC namespace has id 0, and a memfd
+        // on the shmem mount the segments live on has an inode equal to the id of another segment.
+        fake.write(
+            "10/maps",
+            "7f0000000000-7f0000001000 rw-s 00000000 00:01 0 /SYSV726d0001 (deleted)\n\
+             7f0000001000-7f0000002000 rw-s 00000000 00:01 342 /SYSV726d0002 (deleted)\n\
+             7f0000002000-7f0000003000 rw-s 00000000 00:01 342 /memfd:ring (deleted)\n",
+        );
+        // 500 maps the first segment and the memfd, not the second segment.
+        fake.write(
+            "500/maps",
+            "7f0000000000-7f0000001000 rw-s 00000000 00:01 0 /SYSV726d0001 (deleted)\n\
+             7f0000002000-7f0000003000 rw-s 00000000 00:01 342 /memfd:ring (deleted)\n",
+        );
+        assert_eq!(
+            check_fake(&fake, 10),
+            [
+                Reason::SharedMemory { pid: 10, path: "/SYSV726d0001 (deleted)".to_owned(), outsider: 500 },
+                Reason::SharedMemory { pid: 10, path: "/memfd:ring (deleted)".to_owned(), outsider: 500 },
+            ]
+        );
+    }
+
+    #[test]
     fn nested_namespaces() {
         let fake = FakeProc::new();
         fake.process(10, &[11, 12, 13]).process(11, &[]).process(12, &[]).process(13, &[]);
@@ -2330,6 +2390,59 @@ mod tests {
                 libc::munmap(memfd_area, SIZE);
                 libc::munmap(anonymous, SIZE);
             }
+        }
+
+        /// The two ways a `SysV` segment's inode in `maps`, its id, misleads: the first segment of an IPC
+        /// namespace has id 0, which is also the inode of anonymous memory, and ids are numbered apart from
+        /// the inodes of the kernel's shmem mount the segments live on, which memfds and shared anonymous
+        /// memory live on too. A fresh IPC namespace gives the first; `kernel.shm_next_id` (there for CRIU),
+        /// set in that namespace and so for no one else, gives a second segment the id of a memfd's inode.
+        #[test]
+        fn sysv_ids_that_look_like_other_memory() {
+            assert!(
+                nix::unistd::geteuid().is_root(),
+                "unshare --ipc and shm_next_id need root (run the tests as root)"
+            );
+            let script = "import ctypes, mmap, os, signal\n\
+                libc = ctypes.CDLL(None, use_errno=True)\n\
+                libc.shmat.restype = ctypes.c_void_p\n\
+                def segment(key):\n    \
+                    shmid = libc.shmget(key, 4096, 0o1600)\n    \
+                    assert shmid >= 0, os.strerror(ctypes.get_errno())\n    \
+                    assert libc.shmat(shmid, None, 0) != ctypes.c_void_p(-1).value, os.strerror(ctypes.get_errno())\n    \
+                    libc.shmctl(shmid, 0, None)\n    \
+                    return shmid\n\
+                first = segment(0x726d0001)\n\
+                memfd = os.memfd_create('rmosix-test')\n\
+                os.ftruncate(memfd, 4096)\n\
+                area = mmap.mmap(memfd, 4096)\n\
+                inode = os.fstat(memfd).st_ino\n\
+                with open('/proc/sys/kernel/shm_next_id', 'w') as f: f.write(str(inode))\n\
+                second = segment(0x726d0002)\n\
+                child = os.fork()\n\
+                if child == 0:\n    \
+                    while True: signal.pause()\n\
+                print(first, second, inode, child, flush=True)\n\
+                os.waitpid(child, 0)\n";
+            let mut job = Job::spawn(
+                Command::new("unshare")
+                    .args(["--ipc", "python3", "-c", script])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped()),
+            );
+            let mut line = String::new();
+            io::BufRead::read_line(&mut io::BufReader::new(job.0.stdout.take().unwrap()), &mut line).unwrap();
+            let numbers: Vec<i64> = line.split_whitespace().map(|n| n.parse().unwrap()).collect();
+            let &[first, second, inode, child] = &numbers[..] else { panic!("python3 said {line:?}") };
+            assert_eq!((first, second), (0, inode), "the segments did not get the ids asked for");
+            let (child, parent) = (i32::try_from(child).unwrap(), job.pid());
+            let reasons = check(child).unwrap();
+            let expected = ["/SYSV726d0001 (deleted)", "/SYSV726d0002 (deleted)", "/memfd:rmosix-test (deleted)"]
+                .map(|path| Reason::SharedMemory { pid: child, path: path.to_owned(), outsider: parent });
+            assert!(
+                reasons.len() == expected.len() && expected.iter().all(|reason| reasons.contains(reason)),
+                "{reasons:#?}"
+            );
         }
 
         #[test]
