@@ -1,8 +1,9 @@
 //! A real rmosix cluster on one machine, for the integration tests and the demo.
 //!
 //! Each node is a network namespace (`rmx-<cluster>-<i>`) joined to the others by a bridge, with its own
-//! address `10.213.0.<i>`, its own cgroups (a cpuset sharing out the machine's cores, a memory limit), and its
-//! own configuration under `/run/rmosix-cluster/<cluster>/node<i>/`; the daemons run inside it. The nodes
+//! address `10.213.0.<i>`, its own cgroup `/rmosix-<cluster>/node<i>` (a share of the machine's cores, a
+//! memory limit; made through [`rmosix_common::cgroup`], so on cgroup v1 and v2 alike), and its own
+//! configuration under `/run/rmosix-cluster/<cluster>/node<i>/`; the daemons run inside it. The nodes
 //! share a generated `mosix.map` and cluster key. Nothing is mocked: the daemons talk real UDP over real veth
 //! links, and each sees only its own cgroup's load.
 //!
@@ -21,6 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
+use rmosix_common::cgroup::{self, Cgroup, CgroupPath, Controller, Hierarchy};
 use rmosix_common::key::ClusterKey;
 use rmosix_common::query::{self, ClusterView, Request, Response};
 
@@ -43,9 +45,6 @@ pub const IMAGE_STORE: &str = "/run/rmosix/images";
 pub fn criu_path() -> PathBuf {
     std::env::var_os("RMOSIX_CRIU").map_or_else(|| PathBuf::from("/opt/rmosix/criu/bin/criu"), PathBuf::from)
 }
-
-const CPUSET_ROOT: &str = "/sys/fs/cgroup/cpuset";
-const MEMORY_ROOT: &str = "/sys/fs/cgroup/memory";
 
 /// How to build a cluster.
 #[derive(Debug, Clone)]
@@ -74,6 +73,9 @@ pub struct Cluster {
     dir: PathBuf,
     keep: bool,
     outsider: bool,
+    /// `/rmosix-<name>`, the parent of the node cgroups, in every controller of [`cgroup::CONTROLLERS`]
+    /// this host has, so a node's migd can put job cgroups under its node in each of them.
+    cgroup: Cgroup,
 }
 
 /// The directory holding this test binary's sibling binaries (`target/<profile>`), for tests.
@@ -97,12 +99,8 @@ pub fn check_prerequisites(bin_dir: &Path) -> anyhow::Result<()> {
         Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success()),
         "`ip` (iproute2) is missing: run `cargo xtask setup`"
     );
-    for (dir, what) in [(CPUSET_ROOT, "cpuset"), (MEMORY_ROOT, "memory")] {
-        ensure!(
-            Path::new(dir).join("cgroup.procs").exists(),
-            "the cgroup-v1 {what} controller is not mounted at {dir}"
-        );
-    }
+    let hierarchy = Hierarchy::detect().context("the local test cluster needs cgroups")?;
+    hierarchy.require(cgroup::REQUIRED).context("the local test cluster needs the cpuset and memory controllers")?;
     let infod = bin_dir.join("infod");
     ensure!(infod.exists(), "{} is missing: build the workspace first (`cargo build --workspace`)", infod.display());
     Ok(())
@@ -123,20 +121,10 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     run(Command::new("ip").args(args))
 }
 
-/// Expands a cpuset list such as `0-3,8` into CPU numbers.
-fn expand_cpus(list: &str) -> Vec<u32> {
-    let mut cpus = Vec::new();
-    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
-                    cpus.extend(a..=b);
-                }
-            }
-            None => cpus.extend(part.parse::<u32>().ok()),
-        }
-    }
-    cpus
+/// The cgroup of the cluster `name`, parent of its nodes' cgroups, in this host's hierarchy.
+fn cluster_cgroup(name: &str) -> anyhow::Result<Cgroup> {
+    let path = CgroupPath::root().join(&format!("rmosix-{name}"))?;
+    Ok(Hierarchy::detect()?.cgroup(&path, cgroup::CONTROLLERS)?)
 }
 
 /// CPUs given to node `i` (1-based) of `nodes`: an even share when there are more CPUs than nodes, else the
@@ -168,7 +156,8 @@ impl Cluster {
         check_prerequisites(&spec.bin_dir)?;
         Self::remove(&spec.name)?;
         let dir = Path::new(STATE_ROOT).join(&spec.name);
-        let cluster = Self { spec, dir, keep: false, outsider: false };
+        let cgroup = cluster_cgroup(&spec.name)?;
+        let cluster = Self { spec, dir, keep: false, outsider: false, cgroup };
         cluster.build().with_context(|| format!("cannot build cluster {}", cluster.spec.name))?;
         for node in cluster.node_ids() {
             cluster.start_infod(node)?;
@@ -189,7 +178,8 @@ impl Cluster {
             mem_limit: v["mem_limit"].as_u64().context("cluster.json: mem_limit")?,
             bin_dir: PathBuf::from(v["bin_dir"].as_str().context("cluster.json: bin_dir")?),
         };
-        Ok(Self { spec, dir, keep: true, outsider: false })
+        let cgroup = cluster_cgroup(name)?;
+        Ok(Self { spec, dir, keep: true, outsider: false, cgroup })
     }
 
     /// Leaves the cluster running when this value is dropped.
@@ -242,20 +232,44 @@ impl Cluster {
         self.dir.join("cluster.key")
     }
 
-    fn cgroup_dirs(name: &str, i: Option<u32>) -> [PathBuf; 2] {
-        let leaf = |root: &str| {
-            let base = Path::new(root).join(format!("rmosix-{name}"));
-            match i {
-                Some(i) => base.join(format!("node{i}")),
-                None => base,
-            }
-        };
-        [leaf(CPUSET_ROOT), leaf(MEMORY_ROOT)]
+    /// The cgroup of node `i`: `/rmosix-<name>/node<i>`, in every controller hierarchy used (v1) or the
+    /// unified one (v2). Its processes, CPUs, memory, and its `cgroup.procs` files.
+    pub fn cgroup(&self, i: u32) -> Cgroup {
+        self.cgroup.child(&format!("node{i}")).expect("node<i> is a valid cgroup name")
     }
 
-    /// cpuset and memory cgroup directories of node `i`.
+    /// The path of node `i`'s cgroup from the root of the hierarchy, as its configuration names it.
+    pub fn cgroup_path(&self, i: u32) -> CgroupPath {
+        self.cgroup(i).path().clone()
+    }
+
+    /// The directories of node `i`'s cgroup, one per hierarchy (one on v2): a process joins the node by
+    /// writing itself into each `<dir>/cgroup.procs`, as `checkpoint::job::placement` does.
+    pub fn cgroup_dirs(&self, i: u32) -> Vec<PathBuf> {
+        self.cgroup(i).dirs()
+    }
+
+    /// The directory whose `cgroup.procs` lists every process placed on node `i` (v1: its cpuset
+    /// directory). Processes in child cgroups of the node (jobs in cgroups of their own) are listed in
+    /// those instead: [`Cluster::procs`] covers the whole node.
+    pub fn procs_dir(&self, i: u32) -> PathBuf {
+        self.cgroup(i).procs_dir()
+    }
+
+    /// Every process on node `i`, in its cgroup and the cgroups below it.
+    pub fn procs(&self, i: u32) -> anyhow::Result<Vec<i32>> {
+        let cgroup = self.cgroup(i);
+        let pids = cgroup.procs().with_context(|| format!("cannot list the processes of node {i} ({cgroup})"))?;
+        Ok(pids.into_iter().map(nix::unistd::Pid::as_raw).collect())
+    }
+
+    /// Node `i`'s procs directory and its memory directory (the same directory on v2). Kept only until
+    /// `tests/tests/migd.rs` and `tests/tests/users.rs` use [`Cluster::procs_dir`]; new code uses
+    /// [`Cluster::cgroup_dirs`], [`Cluster::procs_dir`] or [`Cluster::cgroup`].
     pub fn cgroups(&self, i: u32) -> [PathBuf; 2] {
-        Self::cgroup_dirs(&self.spec.name, Some(i))
+        let cgroup = self.cgroup(i);
+        let memory = cgroup.controller_dir(Controller::Memory).unwrap_or_else(|| cgroup.procs_dir());
+        [cgroup.procs_dir(), memory]
     }
 
     fn bridge(name: &str) -> String {
@@ -267,29 +281,21 @@ impl Cluster {
         std::fs::create_dir_all(&self.dir)?;
         std::fs::set_permissions(&self.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
 
-        // cgroups: a parent per controller, then one child per node.
-        let all_cpus = expand_cpus(&std::fs::read_to_string(Path::new(CPUSET_ROOT).join("cpuset.cpus"))?);
-        let mems = std::fs::read_to_string(Path::new(CPUSET_ROOT).join("cpuset.mems"))?;
-        ensure!(!all_cpus.is_empty(), "no CPUs in the root cpuset");
-        let [cpuset_parent, memory_parent] = Self::cgroup_dirs(name, None);
-        std::fs::create_dir_all(&cpuset_parent)?;
-        std::fs::write(cpuset_parent.join("cpuset.cpus"), all_cpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(","))?;
-        std::fs::write(cpuset_parent.join("cpuset.mems"), mems.trim())?;
-        std::fs::create_dir_all(&memory_parent)?;
-        // Limits of child cgroups count against the parent only with hierarchy on (the default on recent kernels).
-        let _ = std::fs::write(memory_parent.join("memory.use_hierarchy"), "1");
+        // cgroups: the cluster's, with every CPU the machine lets it have, then one child per node.
+        self.cgroup.create()?;
+        let cpus = self.cgroup.cpus()?;
+        let all_cpus = cgroup::parse_cpus(&cpus).with_context(|| format!("bad CPU list {cpus:?} of {}", self.cgroup))?;
+        ensure!(!all_cpus.is_empty(), "no CPUs in cgroup {}", self.cgroup);
 
         ip(&["link", "add", &Self::bridge(name), "type", "bridge"])?;
         ip(&["link", "set", &Self::bridge(name), "up"])?;
 
         let mut map = String::from("# generated by the rmosix test cluster\n");
         for i in self.node_ids() {
-            let [cpuset, memory] = self.cgroups(i);
-            std::fs::create_dir_all(&cpuset)?;
-            std::fs::write(cpuset.join("cpuset.cpus"), node_cpus(&all_cpus, self.spec.nodes, i))?;
-            std::fs::write(cpuset.join("cpuset.mems"), mems.trim())?;
-            std::fs::create_dir_all(&memory)?;
-            std::fs::write(memory.join("memory.limit_in_bytes"), self.spec.mem_limit.to_string())?;
+            let node = self.cgroup(i);
+            node.create()?;
+            node.set_cpus(&node_cpus(&all_cpus, self.spec.nodes, i))?;
+            node.set_memory_limit(Some(self.spec.mem_limit))?;
 
             self.add_host_link(&self.netns(i), &format!("rx-{name}-{i}"), self.addr(i))?;
             writeln!(map, "{i} {} 1", self.addr(i))?;
@@ -306,7 +312,7 @@ impl Cluster {
                  socket = \"infod.sock\"\n\n\
                  [resources]\n\
                  source = \"cgroup\"\n\
-                 cgroup = \"/rmosix-{name}/node{i}\"\n\n\
+                 cgroup = \"{}\"\n\n\
                  [migd]\n\
                  port = {MIGD_PORT}\n\
                  socket = \"migd.sock\"\n\
@@ -315,6 +321,7 @@ impl Cluster {
                  criu = \"{}\"\n\
                  image_store = \"{IMAGE_STORE}\"\n\
                  log_dir = \"criu-logs\"\n",
+                node.path(),
                 criu_path().display(),
             );
             std::fs::write(self.config(i), config)?;
@@ -362,8 +369,9 @@ impl Cluster {
         ensure!(self.node_ids().contains(&i), "cluster {} has no node {i}", self.spec.name);
         let netns = File::open(Path::new("/run/netns").join(self.netns(i)))
             .with_context(|| format!("node {i} of cluster {} is not up", self.spec.name))?;
-        let [cpuset, memory] = self.cgroups(i);
-        let procs = [cpuset.join("cgroup.procs"), memory.join("cgroup.procs")]
+        let procs = self
+            .cgroup(i)
+            .procs_files()
             .into_iter()
             .map(|p| std::fs::OpenOptions::new().write(true).open(&p).with_context(|| format!("cannot open {}", p.display())))
             .collect::<anyhow::Result<Vec<File>>>()?;
@@ -514,20 +522,10 @@ impl Cluster {
 
     /// Removes everything a cluster of this name made: processes, namespaces, links, cgroups, state.
     pub fn remove(name: &str) -> anyhow::Result<()> {
-        let [cpuset_parent, memory_parent] = Self::cgroup_dirs(name, None);
-        // Processes first: every task of every node cgroup.
-        for parent in [&cpuset_parent, &memory_parent] {
-            let Ok(entries) = std::fs::read_dir(parent) else { continue };
-            let children: Vec<PathBuf> =
-                entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect();
-            for child in &children {
-                kill_cgroup(child)?;
-            }
-            for child in &children {
-                remove_cgroup(child)?;
-            }
-            remove_cgroup(parent)?;
-        }
+        // Processes first: every task of every node, then the cgroups, nodes before the cluster's.
+        let cgroup = cluster_cgroup(name)?;
+        cgroup.kill().with_context(|| format!("cannot kill the processes of cluster {name}"))?;
+        cgroup.remove().with_context(|| format!("cannot remove the cgroups of cluster {name}"))?;
         let prefix = format!("rmx-{name}-");
         if let Ok(entries) = std::fs::read_dir("/run/netns") {
             for e in entries.filter_map(Result::ok) {
@@ -571,44 +569,6 @@ impl Cluster {
     }
 }
 
-fn kill_cgroup(dir: &Path) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
-        if pids.is_empty() {
-            return Ok(());
-        }
-        for pid in pids {
-            let pid = nix::unistd::Pid::from_raw(pid);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            // Reap our own children; others are reaped by their parents.
-            let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-        }
-        ensure!(Instant::now() < deadline, "processes in {} survive SIGKILL", dir.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn remove_cgroup(dir: &Path) -> anyhow::Result<()> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match std::fs::remove_dir(dir) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            // Busy while the last killed tasks finish exiting.
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot remove cgroup {}", dir.display())),
-        }
-    }
-}
-
 impl Drop for Cluster {
     fn drop(&mut self) {
         if !self.keep
@@ -625,8 +585,6 @@ mod tests {
 
     #[test]
     fn cpus_are_shared_out() {
-        assert_eq!(expand_cpus("0-1\n"), [0, 1]);
-        assert_eq!(expand_cpus("0-2,5"), [0, 1, 2, 5]);
         let two = [0, 1];
         let picks: Vec<String> = (1..=4).map(|i| node_cpus(&two, 4, i)).collect();
         assert_eq!(picks, ["0", "1", "0", "1"]);

@@ -16,6 +16,7 @@ use rmosix_checkpoint::images::ImageDir;
 use rmosix_checkpoint::job::{Job, JobError, JobSpec, Stdio, placement};
 use rmosix_checkpoint::migratable::Reason;
 use rmosix_checkpoint::transfer;
+use rmosix_common::cgroup::{CONTROLLERS, Hierarchy, ProcessCgroups};
 use rmosix_testcluster::{Cluster, Spec, bin_dir_of_current_test};
 
 const IMAGES: &str = "/dev/shm/rmosix-test";
@@ -146,7 +147,7 @@ fn open_files_keep_their_offsets_and_contents() {
 fn a_job_moves_between_network_namespaces_through_a_tcp_stream_and_back() {
     let cluster = Cluster::up(Spec::new("ckpt", 2, bin_dir_of_current_test())).unwrap();
     let node = |i: u32| {
-        placement(Some(&Path::new("/run/netns").join(cluster.netns(i))), &cluster.cgroups(i)).unwrap()
+        placement(Some(&Path::new("/run/netns").join(cluster.netns(i))), &cluster.cgroup_dirs(i)).unwrap()
     };
     let criu = criu();
     let args = ["spin", "400", "300000"];
@@ -185,8 +186,9 @@ fn a_job_moves_between_network_namespaces_through_a_tcp_stream_and_back() {
     drain(&rx, &mut seen);
 
     // It runs in node 2's namespace and cgroups now.
-    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", on_node2.pid())).unwrap();
-    assert!(cgroup.contains(":cpuset:/rmosix-ckpt/node2"), "{cgroup}");
+    let cgroups = ProcessCgroups::read(nix::unistd::Pid::from_raw(on_node2.pid())).unwrap();
+    let cgroup = Hierarchy::detect().unwrap().cgroup_of(&cgroups, CONTROLLERS).unwrap();
+    assert_eq!(cgroup, cluster.cgroup(2));
     let ns = std::fs::read_link(format!("/proc/{}/ns/net", on_node2.pid())).unwrap();
     let node2_ns = in_netns(&cluster.netns(2), || std::fs::read_link("/proc/thread-self/ns/net").unwrap());
     assert_eq!(ns, node2_ns);

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::Stdio;
 
+use rmosix_common::cgroup::{CONTROLLERS, CgroupPath, Hierarchy, ProcessCgroups};
 use rmosix_testcluster::{Cluster, Spec, bin_dir_of_current_test};
 
 fn leftovers(name: &str) -> Vec<String> {
@@ -14,14 +15,16 @@ fn leftovers(name: &str) -> Vec<String> {
             found.push(format!("netns {ns}"));
         }
     }
-    for path in [
-        format!("/sys/class/net/rmx-{name}"),
-        format!("/sys/fs/cgroup/cpuset/rmosix-{name}"),
-        format!("/sys/fs/cgroup/memory/rmosix-{name}"),
-        format!("/run/rmosix-cluster/{name}"),
-    ] {
+    for path in [format!("/sys/class/net/rmx-{name}"), format!("/run/rmosix-cluster/{name}")] {
         if Path::new(&path).exists() {
             found.push(path);
+        }
+    }
+    // The cluster's cgroup, in every hierarchy it uses.
+    let cgroup = CgroupPath::new(&format!("/rmosix-{name}")).unwrap();
+    for dir in Hierarchy::detect().unwrap().cgroup(&cgroup, CONTROLLERS).unwrap().dirs() {
+        if dir.exists() {
+            found.push(dir.display().to_string());
         }
     }
     found
@@ -58,13 +61,17 @@ fn commands_run_inside_their_node_and_pass_the_exit_status() {
     let out = c
         .command(2, "sh")
         .unwrap()
-        .args(["-c", "ip -4 -o addr show eth0; cat /proc/self/cgroup; echo $RMOSIX_NODE; exit 3"])
+        .args(["-c", "ip -4 -o addr show eth0; echo ---; cat /proc/self/cgroup; echo ---; echo $RMOSIX_NODE; exit 3"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("inet 10.213.0.2/24"), "{text}");
-    assert!(text.contains(":cpuset:/rmosix-exec/node2"), "{text}");
-    assert!(text.contains(":memory:/rmosix-exec/node2"), "{text}");
     assert!(text.trim_end().ends_with('2'), "{text}");
+    // It ran in node 2's cgroup, in every hierarchy the node uses (v1) or the unified one (v2).
+    let own = text.split("---\n").nth(1).unwrap();
+    let own = ProcessCgroups::parse(own, Path::new("/proc/self/cgroup of the command")).unwrap();
+    let hierarchy = Hierarchy::detect().unwrap();
+    assert_eq!(hierarchy.cgroup_of(&own, CONTROLLERS).unwrap(), c.cgroup(2), "{text}");
+    assert_eq!(c.cgroup_path(2).as_str(), "/rmosix-exec/node2");
 }

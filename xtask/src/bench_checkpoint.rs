@@ -256,7 +256,7 @@ fn migrate_once(
     reference: &[String],
     store: &Path,
 ) -> anyhow::Result<Ours> {
-    let node = |i: u32| placement(Some(&Path::new("/run/netns").join(cluster.netns(i))), &cluster.cgroups(i));
+    let node = |i: u32| placement(Some(&Path::new("/run/netns").join(cluster.netns(i))), &cluster.cgroup_dirs(i));
     let spec = JobSpec {
         init: bins.join("rmosix-init"),
         program: bins.join("rmx-job").into(),
