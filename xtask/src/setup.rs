@@ -5,6 +5,7 @@
 use std::process::Command;
 
 use anyhow::{Context as _, ensure};
+use rmosix_common::cgroup::{self, Hierarchy, Version};
 
 /// Debian packages the project needs, and why.
 const PACKAGES: &[(&str, &str)] = &[
@@ -53,11 +54,28 @@ pub fn run() -> anyhow::Result<()> {
         ensure!(still.is_empty(), "still missing after apt-get install: {}", still.join(" "));
     }
     crate::criu::provision()?;
-    for (dir, what) in [("/sys/fs/cgroup/cpuset", "cpuset"), ("/sys/fs/cgroup/memory", "memory")] {
-        ensure!(
-            std::path::Path::new(dir).join("cgroup.procs").exists(),
-            "the cgroup-v1 {what} controller is not mounted at {dir}; the local test cluster needs it"
-        );
-    }
+    check_cgroups()
+}
+
+/// The local test cluster gives each node a share of the CPUs and a memory limit: it needs the cpuset and
+/// memory controllers, on cgroup v1 (hybrid hosts: mounted at `/sys/fs/cgroup/<controller>`) or v2 (offered
+/// in the root's `cgroup.controllers`; the cluster enables them for its own cgroups).
+fn check_cgroups() -> anyhow::Result<()> {
+    let hierarchy = Hierarchy::detect().context("the local test cluster needs cgroups, and none are mounted")?;
+    hierarchy.require(cgroup::REQUIRED).with_context(|| {
+        let fix = match hierarchy.version() {
+            Version::V1 => "mount the missing v1 controllers, or boot with the unified hierarchy \
+                            (systemd.unified_cgroup_hierarchy=1)",
+            Version::V2 => {
+                "the kernel was built without them (CONFIG_CPUSETS, CONFIG_MEMCG) or booted with cgroup_disable="
+            }
+        };
+        format!("the local test cluster needs the cpuset and memory controllers: {fix}")
+    })?;
+    eprintln!(
+        "setup: {} at {}: cpuset and memory controllers available",
+        hierarchy.version(),
+        hierarchy.root_dir().display()
+    );
     Ok(())
 }
