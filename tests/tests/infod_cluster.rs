@@ -1,5 +1,6 @@
 //! infod on a real 4-node cluster: network namespaces, veth links, cgroups, real UDP between daemons.
-//! Needs root; without it (or without iproute2 or cgroup v1) these tests fail and say what is missing.
+//! Needs root; without it (or without iproute2, or the cpuset and memory cgroup controllers) these tests fail
+//! and say what is missing.
 
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::AsRawFd as _;
