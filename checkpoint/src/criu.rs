@@ -121,6 +121,8 @@ pub struct DumpRequest<'a> {
     pub images_dir: BorrowedFd<'a>,
     /// Resources outside the tree that CRIU must record as external, e.g. `pipe:[1234]`.
     pub external: Vec<String>,
+    /// Mount points of the job's mount namespace to leave out of the images.
+    pub skip_mounts: Vec<std::path::PathBuf>,
     /// Leave the tree frozen after the dump instead of killing it.
     pub leave_stopped: bool,
     /// Where criu runs: it must share the job's network namespace, or it would try to dump (and lock) that
@@ -219,6 +221,7 @@ impl Criu {
         // The job lands in the cgroups of the node that restores it, not of the node it came from.
         opts.set_manage_cgroups_mode(Criu_cg_mode::IGNORE);
         opts.external.clone_from(&req.external);
+        opts.skip_mnt = req.skip_mounts.iter().map(|p| p.to_string_lossy().into_owned()).collect();
         external_mounts(&mut opts);
         let owner = req.owner.filter(|o| o.uid != 0);
         if owner.is_some() {

@@ -107,11 +107,18 @@ fn is_our_store(mountinfo: &str, path: &Path) -> bool {
     })
 }
 
-/// Removes the image directories (`images-*`) a dead migd left in `store`.
+/// Removes the image directories a dead process left in `store`: those named `images-<pid>-...` whose
+/// process is gone. Another live migd of this machine may share the store (the test cluster's nodes do),
+/// so a directory of a live process stays.
 fn remove_leftovers(store: &Path) -> io::Result<()> {
     for entry in fs::read_dir(store)? {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with("images-") && entry.file_type()?.is_dir() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("images-").and_then(|rest| rest.split('-').next()?.parse::<i32>().ok()) else {
+            continue;
+        };
+        let alive = pid == 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if !alive && entry.file_type()?.is_dir() {
             tracing::info!(path = %entry.path().display(), "removing an image directory left by an earlier migd");
             fs::remove_dir_all(entry.path())?;
         }
@@ -524,13 +531,21 @@ mod tests {
         assert_eq!(mode_of(&store), 0o700);
         // Parents it made are open to everyone (sockets may live there).
         assert_eq!(mode_of(&scratch.path().join("parent")), 0o755);
-        // A migd that died left an image directory; the next one finds its store and cleans it.
-        let left = ImageDir::create(&store).unwrap().keep();
+        // A migd that died left an image directory; the next one finds its store and cleans it. One of a live
+        // process (this one) stays.
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = dead.id();
+        dead.wait().unwrap();
+        let left = store.join(format!("images-{dead_pid}-0-00000000"));
+        fs::create_dir(&left).unwrap();
         fs::write(left.join("pages-1.img"), b"x").unwrap();
+        let in_use = ImageDir::create(&store).unwrap();
         let unrelated = store.join("notes");
         fs::write(&unrelated, b"kept").unwrap();
         assert_eq!(prepare_store(&store).unwrap(), Store::Ours);
         assert!(!left.exists(), "leftover image directory removed");
+        assert!(in_use.path().exists(), "a live process's image directory stays");
+        drop(in_use);
         assert!(unrelated.exists(), "only image directories are removed");
         unmount().unwrap();
     }

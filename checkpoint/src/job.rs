@@ -300,6 +300,9 @@ impl Job {
             pid: self.pid(),
             images_dir: dir.as_fd(),
             external: self.pipes.iter().map(|ino| format!("pipe:[{ino}]")).collect(),
+            skip_mounts: std::fs::read_to_string(format!("/proc/{}/mountinfo", self.pid()))
+                .map(|m| mounts_to_hide(&m))
+                .unwrap_or_default(),
             leave_stopped: true,
             placement,
             owner: self.owner,
@@ -449,9 +452,11 @@ unsafe fn set_rlimit(resource: u32, soft: u64, hard: u64) {
     }
 }
 
-/// The mount points a job should not carry in its copy of the node's mounts: namespace handles (`nsfs`,
-/// such as `/run/netns/*`, which would keep those namespaces alive and cannot be restored elsewhere) and
-/// image stores (`rmosix-images` tmpfs mounts), from `mountinfo` text (`/proc/self/mountinfo`).
+/// The mount points a job should not carry in its mount namespace: namespace handles (`nsfs` mounts, and
+/// `/run/netns`, where `ip netns` keeps them in a shared mount of its own), which would keep those
+/// namespaces alive and cannot be restored elsewhere, and image stores (`rmosix-images` tmpfs mounts), from
+/// `mountinfo` text. At start they are detached from the job's copy of the node's mounts; at dump, the ones
+/// that propagated into it since (its mounts are slaves of the node's) are left out of the images.
 pub fn mounts_to_hide(mountinfo: &str) -> Vec<PathBuf> {
     let mut hide: Vec<PathBuf> = mountinfo
         .lines()
@@ -460,8 +465,9 @@ pub fn mounts_to_hide(mountinfo: &str) -> Vec<PathBuf> {
             let mount_point = left.split_whitespace().nth(4)?;
             let mut fields = right.split_whitespace();
             let (fstype, source) = (fields.next()?, fields.next()?);
-            (fstype == "nsfs" || (fstype == "tmpfs" && source == crate::images::STORE_SOURCE))
-                .then(|| PathBuf::from(unescape_mount_path(mount_point)))
+            let path = PathBuf::from(unescape_mount_path(mount_point));
+            let handles = fstype == "nsfs" || path == Path::new("/run/netns") || path == Path::new("/var/run/netns");
+            (handles || (fstype == "tmpfs" && source == crate::images::STORE_SOURCE)).then_some(path)
         })
         .collect();
     // Deepest first, so that each is still reachable when its turn comes.
@@ -519,6 +525,7 @@ mod tests {
 40 27 0:4 net:[4026532290] /run/netns/a\\040b rw shared:5 - nsfs nsfs rw
 41 27 0:50 / /run/rmosix/images rw - tmpfs rmosix-images rw,mode=700,huge=within_size
 42 41 0:51 / /run/rmosix/images/node2 rw - tmpfs rmosix-images rw
+39 27 0:24 /netns /run/netns rw shared:4 - tmpfs tmpfs rw
 43 27 0:52 / /dev/shm rw - tmpfs tmpfs rw
 ";
         assert_eq!(
@@ -527,6 +534,7 @@ mod tests {
                 PathBuf::from("/run/rmosix/images/node2"),
                 PathBuf::from("/run/netns/a b"),
                 PathBuf::from("/run/rmosix/images"),
+                PathBuf::from("/run/netns"),
             ]
         );
         assert!(mounts_to_hide("garbage\n\n - \n").is_empty());

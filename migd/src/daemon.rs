@@ -30,6 +30,7 @@ use rmosix_checkpoint::images::{ImageDir, prepare_store};
 use rmosix_checkpoint::job::{Credentials, Job, JobError, JobSpec};
 use rmosix_checkpoint::{migratable, transfer};
 use rmosix_common::NodeId;
+use rmosix_common::cgroup::{CONTROLLERS, Cgroup, Hierarchy, JOB_PREFIX, JobCgroups};
 use rmosix_common::control::{self, ControlError, Refusal, Request, Response, Run, Target, Where};
 use rmosix_common::node::Settings;
 use rmosix_common::query;
@@ -256,6 +257,8 @@ struct Runner {
     /// The relays of the job's stdout and stderr.
     outputs: Mutex<Vec<JoinHandle<u64>>>,
     epoch: u32,
+    /// The job's cgroup on this node, removed when the job ends here or leaves.
+    cgroup: Option<JobCgroups>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -318,6 +321,9 @@ pub struct Daemon {
     criu: Criu,
     homes: Mutex<HashMap<i32, Arc<HomeJob>>>,
     runners: Mutex<HashMap<(u32, i32), Arc<Runner>>>,
+    /// migd's own cgroup, the parent of one cgroup per job running here; `None` when this machine gives
+    /// migd none (jobs then run in migd's cgroup).
+    jobs_cgroup: Option<Cgroup>,
 }
 
 /// Who is on the other end of a control connection.
@@ -359,6 +365,7 @@ impl Daemon {
                 });
             }
         }
+        let jobs_cgroup = jobs_cgroup();
         Ok(Self {
             settings,
             init,
@@ -367,7 +374,37 @@ impl Daemon {
             criu,
             homes: Mutex::new(HashMap::new()),
             runners: Mutex::new(HashMap::new()),
+            jobs_cgroup,
         })
+    }
+
+    /// A cgroup of its own for generation `epoch` of a job that starts or arrives here, and the placement
+    /// that puts the job (or the criu restoring it) there. Each generation has its own, so that on one
+    /// machine (the test cluster) the cgroup of the copy that left is never the arriving copy's.
+    fn job_cgroup(&self, home_node: u32, home_pid: i32, epoch: u32) -> (Option<JobCgroups>, Placement) {
+        let Some(parent) = &self.jobs_cgroup else { return (None, Placement::default()) };
+        let name = format!("{}-{epoch}", JobCgroups::name(NodeId(home_node), home_pid.unsigned_abs()));
+        let opened = JobCgroups::create(parent, &name).map_err(|e| e.to_string()).and_then(|cgroup| {
+            let files = cgroup.procs_files();
+            let procs = files
+                .iter()
+                .map(|f| std::fs::OpenOptions::new().write(true).open(f).map_err(|e| format!("{}: {e}", f.display())))
+                .collect::<Result<Vec<File>, String>>();
+            match procs {
+                Ok(cgroup_procs) => Ok((cgroup, cgroup_procs)),
+                Err(e) => {
+                    let _ = cgroup.remove();
+                    Err(e)
+                }
+            }
+        });
+        match opened {
+            Ok((cgroup, cgroup_procs)) => (Some(cgroup), Placement { netns: None, cgroup_procs }),
+            Err(error) => {
+                warn!(home_pid, %error, "cannot make a cgroup for the job; it runs in migd's");
+                (None, Placement::default())
+            }
+        }
     }
 
     /// This node.
@@ -504,15 +541,19 @@ impl Daemon {
             }
         };
         let spec = self.job_spec(&req, credentials.clone());
-        let (job, pipes) = match Job::spawn(&spec, &Placement::default()) {
+        let home_pid = peer.pid;
+        let (cgroup, placement) = self.job_cgroup(self.me().0, home_pid, 0);
+        let (job, pipes) = match Job::spawn(&spec, &placement) {
             Ok(j) => j,
             Err(e) => {
+                if let Some(cgroup) = &cgroup {
+                    let _ = cgroup.remove();
+                }
                 refuse(&mut stream, Refusal::Failed, e.to_string());
                 return;
             }
         };
         let job = Arc::new(job);
-        let home_pid = peer.pid;
         let mut command = vec![String::from_utf8_lossy(&req.program).into_owned()];
         command.extend(req.args.iter().map(|a| String::from_utf8_lossy(a).into_owned()));
         let now = SystemTime::now();
@@ -553,6 +594,7 @@ impl Daemon {
             moving: AtomicBool::new(false),
             outputs: Mutex::new(Vec::new()),
             epoch: 0,
+            cgroup,
         });
         self.attach_here(&home, &runner, pipes.stdout, pipes.stderr);
         relay::spawn_stoppable("deputy-stdin", stdin, home.stdin.clone(), Arc::clone(&home.stop_stdin));
@@ -914,6 +956,12 @@ impl Daemon {
     /// Waits for a job running here to end and reports its status, unless it ended because it moved.
     fn wait_runner(&self, runner: &Runner, report: &Report) {
         let code = runner.job.wait().unwrap_or(255);
+        // Ended here or left: either way nothing of it stays on this node.
+        if let Some(cgroup) = &runner.cgroup
+            && let Err(error) = cgroup.remove()
+        {
+            warn!(home_pid = runner.home_pid, %error, "cannot remove the job's cgroup");
+        }
         if runner.moving.load(Ordering::Relaxed) {
             return;
         }
@@ -994,32 +1042,26 @@ impl Daemon {
         if link.send_json(protocol::VERDICT, &Verdict::yes(0)).is_err() {
             return;
         }
-        let images = match ImageDir::create(&self.store) {
-            Ok(i) => i,
+        let images = match self.receive_images(&mut link) {
+            Ok(images) => images,
             Err(e) => {
-                let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e.to_string()));
+                warn!(home_pid, from, error = %e, "image transfer failed");
+                let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e));
                 return;
             }
         };
-        let key = *link.bulk_key();
-        let received = match link.recv() {
-            Ok((protocol::IMAGES, _)) => match link.raw_mut() {
-                Ok(raw) => transfer::unpack(raw, images.path(), &key).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-            Ok((kind, _)) => Err(format!("expected images, got message {kind}")),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = received {
-            warn!(home_pid, from, error = %e, "image transfer failed");
-            let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e));
-            return;
-        }
         info!(phase = %Phase::Restore, "images received");
         let owner = Owner { uid: offer.uid, gid: offer.gid };
-        let (job, pipes) = match Job::restore_stopped(&self.criu, &images, Placement::default(), Some(owner)) {
+        let (cgroup, placement) = self.job_cgroup(offer.home_node, home_pid, offer.epoch);
+        let drop_cgroup = || {
+            if let Some(cgroup) = &cgroup {
+                let _ = cgroup.remove();
+            }
+        };
+        let (job, pipes) = match Job::restore_stopped(&self.criu, &images, placement, Some(owner)) {
             Ok(j) => j,
             Err(e) => {
+                drop_cgroup();
                 warn!(home_pid, from, error = %e, "restore failed");
                 let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e.to_string()));
                 return;
@@ -1031,6 +1073,7 @@ impl Daemon {
             warn!(home_pid, from, error = %e, "restored job has the wrong owner; killed");
             let _ = job.signal(Signal::SIGKILL);
             let _ = job.wait();
+            drop_cgroup();
             let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e));
             return;
         }
@@ -1041,6 +1084,7 @@ impl Daemon {
             warn!(home_pid, from, "no commit from the source; dropping the restored copy");
             let _ = job.signal(Signal::SIGKILL);
             let _ = job.wait();
+            drop_cgroup();
             return;
         }
         let runner = Arc::new(Runner {
@@ -1055,6 +1099,7 @@ impl Daemon {
             moving: AtomicBool::new(false),
             outputs: Mutex::new(Vec::new()),
             epoch: offer.epoch,
+            cgroup,
         });
         if at_home {
             self.note_moved(home_pid, self.me().0, runner.job.pid(), offer.epoch);
@@ -1073,6 +1118,21 @@ impl Daemon {
         } else if let Err(e) = self.run_guest(&runner, pipes.stdout, pipes.stderr) {
             warn!(home_pid, error = %e, "cannot link the job to its home; killed");
             let _ = runner.job.signal(Signal::SIGKILL);
+        }
+    }
+
+    /// Receives a job's images into a new image directory of the store.
+    fn receive_images(&self, link: &mut Channel<TcpStream>) -> Result<ImageDir, String> {
+        let images = ImageDir::create(&self.store).map_err(|e| e.to_string())?;
+        let key = *link.bulk_key();
+        match link.recv() {
+            Ok((protocol::IMAGES, _)) => {
+                let raw = link.raw_mut().map_err(|e| e.to_string())?;
+                transfer::unpack(raw, images.path(), &key).map_err(|e| e.to_string())?;
+                Ok(images)
+            }
+            Ok((kind, _)) => Err(format!("expected images, got message {kind}")),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -1355,6 +1415,37 @@ fn identity_of(status: &str, owner: Owner, groups: &[u32]) -> Result<(), String>
         }
     }
     Ok(())
+}
+
+/// migd's own cgroup, made ready to hold one cgroup per job (see [`Hierarchy::delegate_self`]), with the
+/// empty job cgroups of an earlier migd removed. `None`, with the reason logged, when cgroups can't be used.
+fn jobs_cgroup() -> Option<Cgroup> {
+    let parent = match Hierarchy::detect().and_then(|h| h.delegate_self(CONTROLLERS, "supervisor")) {
+        Ok(parent) => parent,
+        Err(error) => {
+            warn!(%error, "no cgroups for jobs; they run in migd's own cgroup");
+            return None;
+        }
+    };
+    // Only leftovers: empty, and old enough not to be a job cgroup another migd of this machine has just
+    // made (the test cluster runs several under one parent on cgroup v1).
+    let old = |child: &Cgroup| {
+        child.dirs().first().and_then(|d| std::fs::metadata(d).ok()).and_then(|m| m.modified().ok())
+            .is_some_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_mins(1)))
+    };
+    for name in parent.children().unwrap_or_default().into_iter().filter(|n| n.starts_with(JOB_PREFIX)) {
+        if let Ok(child) = parent.child(&name)
+            && child.procs().is_ok_and(|p| p.is_empty())
+            && old(&child)
+        {
+            match child.remove() {
+                Ok(()) => info!(cgroup = %child, "removed a job cgroup left by an earlier migd"),
+                Err(error) => warn!(cgroup = %child, %error, "cannot remove a job cgroup left by an earlier migd"),
+            }
+        }
+    }
+    info!(cgroup = %parent, "jobs get cgroups under this one");
+    Some(parent)
 }
 
 /// A user's name for messages, or the uid when the user database has none.

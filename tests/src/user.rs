@@ -115,6 +115,27 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Processes of node `i` (in its cgroup or below: every job has a cgroup of its own) running `comm`.
+    pub fn processes(&self, i: u32, comm: &str) -> Vec<i32> {
+        fn walk(dir: &Path, out: &mut Vec<i32>) {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            out.extend(procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()));
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&entry.path(), out);
+                }
+            }
+        }
+        let mut pids = Vec::new();
+        walk(&self.cgroups(i)[0], &mut pids);
+        pids.sort_unstable();
+        pids.dedup();
+        pids.retain(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm));
+        pids
+    }
+}
+
 /// The lines a child prints on its stdout, collected by a thread as they come.
 #[derive(Debug, Clone)]
 pub struct Lines(Arc<Mutex<Vec<String>>>);

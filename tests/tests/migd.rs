@@ -45,15 +45,9 @@ fn mosrun(c: &Cluster, node: u32) -> Command {
     c.command(node, "mosrun").unwrap()
 }
 
-/// Processes of the node's cgroup running `comm`.
+/// Processes of the node running `comm`.
 fn running(c: &Cluster, node: u32, comm: &str) -> Vec<i32> {
-    let [cpuset, _] = c.cgroups(node);
-    std::fs::read_to_string(cpuset.join("cgroup.procs"))
-        .unwrap()
-        .lines()
-        .filter_map(|p| p.parse::<i32>().ok())
-        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm))
-        .collect()
+    c.processes(node, comm)
 }
 
 #[test]

@@ -7,6 +7,7 @@
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use rmosix_common::cgroup::{Cgroup, Controller, Hierarchy, ProcessCgroups};
 use rmosix_testcluster::user::{Lines, TestUser, test_user};
 use rmosix_testcluster::{Cluster, Spec, bin_dir_of_current_test};
 
@@ -41,13 +42,14 @@ fn unmoved(c: &Cluster, u: &TestUser, args: &[&str]) -> (String, Option<i32>) {
 
 /// Processes of node `i` running `comm`.
 fn on_node(c: &Cluster, i: u32, comm: &str) -> Vec<i32> {
-    let [cpuset, _] = c.cgroups(i);
-    std::fs::read_to_string(cpuset.join("cgroup.procs"))
-        .unwrap()
-        .lines()
-        .filter_map(|p| p.parse::<i32>().ok())
-        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm))
-        .collect()
+    c.processes(i, comm)
+}
+
+/// The memory cgroup of process `pid` (on cgroup v1 or v2).
+fn job_cgroup(pid: i32) -> Cgroup {
+    let hierarchy = Hierarchy::detect().unwrap();
+    let process = ProcessCgroups::read(nix::unistd::Pid::from_raw(pid)).unwrap();
+    hierarchy.cgroup_of(&process, &[Controller::Memory]).unwrap()
 }
 
 /// The identity lines of `/proc/PID/status`: uids, gids, groups and capability sets.
@@ -89,12 +91,20 @@ fn a_users_python_job_moves_to_node_2_and_home_and_stays_theirs() {
     lines.wait_for(30);
     let [before] = on_node(&c, 1, "python3")[..] else { panic!("one python3 on node 1") };
     let identity_before = identity(before);
+    // The job has a cgroup of its own on the node where it runs, named after its home node, home PID and
+    // generation (one per move).
+    let cgroup_before = job_cgroup(before);
+    assert!(cgroup_before.path().as_str().ends_with(&format!("/job-1-{pid}-0")), "{cgroup_before}");
     assert!(identity_before.contains(&format!("Uid: {0} {0} {0} {0}", u.uid)), "{identity_before:?}");
 
     let said = migrate(&c, &u, pid, "2");
     assert!(said.starts_with(&format!("moved {pid} from node 1 to node 2 in ")), "{said}");
     assert!(on_node(&c, 1, "python3").is_empty(), "no copy left on node 1");
     let [after] = on_node(&c, 2, "python3")[..] else { panic!("one python3 on node 2") };
+    let cgroup_after = job_cgroup(after);
+    assert!(cgroup_after.path().as_str().ends_with(&format!("/job-1-{pid}-1")), "{cgroup_after}");
+    assert!(cgroup_after.procs().unwrap().contains(&nix::unistd::Pid::from_raw(after)));
+    assert!(!cgroup_before.exists(), "the cgroup of the copy that left is gone: {cgroup_before}");
     // Nothing gained by moving: same uids, gids, groups, and capability sets (none but the bounding set).
     assert_eq!(identity(after), identity_before);
     let groups = identity(after).into_iter().find(|l| l.starts_with("Groups:")).unwrap();
