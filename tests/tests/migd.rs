@@ -23,21 +23,12 @@ fn reference(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// A command run on node 1 as nobody (uid and gid 65534), after entering the node (which needs root). The
-/// program runs from a copy nobody can reach: the build directory may not be.
+/// A command run on node 1 as nobody (uid and gid 65534), after entering the node (which needs root), from
+/// a copy of our tools nobody can reach.
 fn as_nobody(c: &Cluster, program: &str) -> Command {
-    use std::os::unix::fs::PermissionsExt as _;
-    let dir = std::env::temp_dir().join(format!("rmosix-nobody-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let copy = dir.join(program);
-    if !copy.exists() {
-        let tmp = dir.join(format!("{program}.tmp"));
-        std::fs::copy(bin_dir_of_current_test().join(program), &tmp).unwrap();
-        std::fs::rename(&tmp, &copy).unwrap();
-    }
+    let tools = rmosix_testcluster::user::reachable_tools(&bin_dir_of_current_test()).unwrap();
     let mut cmd = c.command(1, "setpriv").unwrap();
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(copy);
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(tools.join(program));
     cmd
 }
 

@@ -249,8 +249,8 @@ fn only_the_owner_and_root_move_a_users_job() {
     let lines = Lines::of(&mut child);
     lines.wait_for(2);
     // Another user (nobody) is refused, in words.
-    let mut nobody = c.command(1, "setpriv").unwrap();
     let tools = rmosix_testcluster::user::reachable_tools(&bin_dir_of_current_test()).unwrap();
+    let mut nobody = c.command(1, "setpriv").unwrap();
     nobody.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(tools.join("migrate")).args([pid.to_string().as_str(), "2"]);
     let refused = nobody.current_dir("/").output().unwrap();
     assert_eq!(refused.status.code(), Some(1));
@@ -262,6 +262,10 @@ fn only_the_owner_and_root_move_a_users_job() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let [moved] = on_node(&c, 2, "python3")[..] else { panic!("one python3 on node 2") };
     assert!(identity(moved).contains(&format!("Uid: {0} {0} {0} {0}", u.uid)));
+    // And the owner sends it wherever the cluster is least loaded: on two nodes, the other one.
+    let said = migrate(&c, &u, pid, "balance");
+    assert!(said.starts_with(&format!("moved {pid} from node 2 to node 1 in ")), "{said}");
+    assert_eq!(on_node(&c, 1, "python3").len(), 1);
     child.kill().unwrap();
     child.wait().unwrap();
 }
