@@ -87,6 +87,8 @@ pub struct Criu {
     path: PathBuf,
     log_dir: PathBuf,
     version: Version,
+    /// How long one operation may take before criu is killed (see [`ANSWER_LIMIT`]).
+    answer_limit: std::time::Duration,
 }
 
 /// Where a criu process must run (network namespace, cgroups), when the caller is elsewhere: a restore lands
@@ -145,6 +147,9 @@ pub struct RestoreRequest<'a> {
     pub leave_stopped: bool,
 }
 
+/// How long one CRIU operation may take: far more than dumping or restoring many gigabytes takes.
+const ANSWER_LIMIT: std::time::Duration = std::time::Duration::from_mins(5);
+
 static OPERATION: AtomicU64 = AtomicU64::new(0);
 
 impl Criu {
@@ -157,12 +162,24 @@ impl Criu {
             .mode(0o700)
             .create(&log_dir)
             .map_err(|source| CriuError::LogDir { path: log_dir.clone(), source })?;
-        let mut criu = Self { path, log_dir, version: Version { major: 0, minor: 0, sublevel: 0 } };
+        let mut criu = Self {
+            path,
+            log_dir,
+            version: Version { major: 0, minor: 0, sublevel: 0 },
+            answer_limit: ANSWER_LIMIT,
+        };
         criu.version = criu.query_version()?;
         if criu.version < MIN_VERSION {
             return Err(CriuError::TooOld { path: criu.path, found: criu.version });
         }
         Ok(criu)
+    }
+
+    /// Sets how long one operation may take before criu is killed and the operation fails.
+    #[must_use]
+    pub fn with_answer_limit(mut self, limit: std::time::Duration) -> Self {
+        self.answer_limit = limit;
+        self
     }
 
     /// The version found at start.
@@ -345,8 +362,28 @@ impl Criu {
         let mut child = cmd.spawn().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
         drop(theirs);
         let bytes = req.write_to_bytes().map_err(|e| self.protocol(&e.to_string()))?;
-        let result = exchange(&ours, &bytes).map_err(|e| self.io(e));
+        // A criu that never answers (stopped by the job's owner, whose uid it runs with, or hung) must not
+        // hold a frozen job and a migd thread for ever: past the limit it is killed and the step fails.
+        let _ = nix::sys::socket::setsockopt(
+            &ours,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(self.answer_limit.as_secs().try_into().unwrap_or(i64::MAX).max(1), 0),
+        );
+        let result = exchange(&ours, &bytes).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("criu did not answer within {} s; it was killed", self.answer_limit.as_secs()),
+                )
+            } else {
+                e
+            }
+        });
+        let result = result.map_err(|e| self.io(e));
         drop(ours);
+        if result.is_err() {
+            let _ = child.kill();
+        }
         let _ = child.wait();
         let answer = result?;
         let resp = Criu_resp::parse_from_bytes(&answer).map_err(|e| self.protocol(&e.to_string()))?;
@@ -439,6 +476,9 @@ fn exchange(socket: &OwnedFd, request: &[u8]) -> std::io::Result<Vec<u8>> {
                 return Ok(buf);
             }
             Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EAGAIN) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "criu did not answer in time"));
+            }
             Err(e) => return Err(e.into()),
         }
     }
