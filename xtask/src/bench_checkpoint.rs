@@ -165,9 +165,10 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
     }
     let (size, freeze, cli, ratio) = headline.context("no sizes measured")?;
     println!(
-        "checkpoint: {size} MiB job frozen {:.0} ms moving between nodes = {ratio:.2}x CLI criu dump+restore {:.0} ms (target <= 1.4x at 1024 MiB)",
+        "checkpoint: {size} MiB job frozen {:.0} ms moving between nodes = {ratio:.2}x CLI criu dump+restore {:.0} ms (target <= 1.4x at 1024 MiB): {}",
         ms(freeze),
-        ms(cli)
+        ms(cli),
+        crate::benchmarks::verdict(size == 1024 && ratio <= 1.4)
     );
     Ok(())
 }

@@ -1062,7 +1062,7 @@ impl Report {
     /// The one-line headline: the largest cluster's traffic and ages against all-to-all.
     fn summary(&self) -> String {
         let Some(o) = self.outcomes.iter().max_by_key(|o| o.nodes) else {
-            return "gossip: no run (target 1 msg/node/s at every N, median info age < 5 s)".to_owned();
+            return "gossip: no run (target 1 msg/node/s at every N, median info age < 5 s): missed".to_owned();
         };
         let (lo, hi) = self
             .outcomes
@@ -1073,7 +1073,7 @@ impl Report {
         format!(
             "gossip: {} nodes: {:.2} msg/node/s, {}/node/s (all-to-all: {a2a_msgs} msg/node/s, {}/node/s); \
              {lo:.2}-{hi:.2} msg/node/s over {smallest}-{} nodes; median info age {:.1} s; median best-node \
-             rank {} (target 1 msg/node/s at every N, median info age < 5 s)",
+             rank {} (target 1 msg/node/s at every N, median info age < 5 s): {}",
             o.nodes,
             o.msgs_per_s,
             bytes(o.bytes_per_s),
@@ -1081,6 +1081,7 @@ impl Report {
             o.nodes,
             ms_to_s(o.age_ms.0),
             percent(o.rank.0),
+            crate::benchmarks::verdict(lo >= 0.95 && hi <= 1.05 && ms_to_s(o.age_ms.0) < 5.0),
         )
     }
 }

@@ -114,7 +114,8 @@ pub fn run(args: &InfodBenchArgs) -> anyhow::Result<()> {
         crate::benchmarks::update_section("infod", "infod: resident memory and CPU", &body)?;
     }
     println!(
-        "infod: {worst_rss:.1} MiB peak resident, {worst_cpu:.3}% of a core (target < 15 MB and < 1% of a core)"
+        "infod: {worst_rss:.1} MiB peak resident, {worst_cpu:.3}% of a core (target < 15 MB and < 1% of a core): {}",
+        crate::benchmarks::verdict(worst_rss * 1_048_576.0 < 15e6 && worst_cpu < 1.0)
     );
     Ok(())
 }

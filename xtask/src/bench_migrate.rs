@@ -112,10 +112,11 @@ pub fn run(args: &MigrateBenchArgs) -> anyhow::Result<()> {
     }
     let (size, cli, m, ratio) = headline.context("no sizes measured")?;
     println!(
-        "migrate: {size} MiB job frozen {:.0} ms = {ratio:.2}x CLI criu dump+restore {:.0} ms, migrate total {:.0} ms (target <= 1.5x at 1024 MiB)",
+        "migrate: {size} MiB job frozen {:.0} ms = {ratio:.2}x CLI criu dump+restore {:.0} ms, migrate total {:.0} ms (target <= 1.5x at 1024 MiB): {}",
         ms(m.frozen),
         ms(cli),
-        ms(m.total)
+        ms(m.total),
+        crate::benchmarks::verdict(size == 1024 && ratio <= 1.5)
     );
     Ok(())
 }

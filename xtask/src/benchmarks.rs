@@ -82,6 +82,11 @@ pub fn machine() -> String {
     format!("{date}, {cpus} CPUs, Linux {kernel}")
 }
 
+/// The last word of a benchmark's summary line: whether its target was `met` or `missed`.
+pub fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "missed" }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
