@@ -191,48 +191,48 @@ impl Job {
                 if let Some(ns) = netns
                     && libc::setns(ns, libc::CLONE_NEWNET) != 0
                 {
-                    return 120;
+                    return say(120, b"rmosix: cannot enter the node's network namespace\n");
                 }
                 for &procs in &cgroups {
                     if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
-                        return 121;
+                        return say(121, b"rmosix: cannot put the job in its cgroup\n");
                     }
                 }
                 for (target, &fd) in job_fds.iter().enumerate() {
                     #[expect(clippy::cast_possible_wrap, clippy::cast_possible_truncation, reason = "0..3")]
                     if libc::dup2(fd, target as i32) < 0 {
-                        return 122;
+                        return say(122, b"rmosix: cannot connect the job's stdio\n");
                     }
                 }
                 // Nothing of the supervisor's leaks into the job: a descriptor opened outside the job's mount
                 // namespace could not even be dumped.
                 libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
                 if own_mounts(&hidden).is_err() {
-                    return 119;
+                    return say(119, b"rmosix: cannot give the job a mount namespace with a /proc of its own\n");
                 }
                 let init_fd = libc::open(init_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
                 if init_fd < 0 {
-                    return 118;
+                    return say(118, b"rmosix: cannot open rmosix-init\n");
                 }
                 for &(resource, soft, hard) in &rlimits {
                     set_rlimit(resource, soft, hard);
                 }
                 if libc::setsid() < 0 {
-                    return 123;
+                    return say(123, b"rmosix: cannot start a session for the job\n");
                 }
                 if let Some(c) = &creds
                     && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
                         || libc::setgid(c.gid) != 0
                         || libc::setuid(c.uid) != 0)
                 {
-                    return 124;
+                    return say(124, b"rmosix: cannot take the owner's identity\n");
                 }
                 libc::umask(umask);
                 if libc::chdir(cwd.as_ptr()) != 0 {
-                    return 125;
+                    return say(125, b"rmosix: cannot enter the working directory (can its owner reach it?)\n");
                 }
                 libc::fexecve(init_fd, argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
-                126
+                say(126, b"rmosix: cannot run rmosix-init\n")
             }
         };
         let mut stack = vec![0u8; 256 * 1024];
@@ -408,6 +408,14 @@ impl Drop for Frozen {
             resume_tree(self.pid);
         }
     }
+}
+
+/// In a new job's child that cannot go on: says why on its stderr (the deputy's, once connected) and gives
+/// the exit code. Async-signal-safe.
+fn say(code: isize, why: &[u8]) -> isize {
+    // SAFETY: write(2) of a static buffer.
+    unsafe { libc::write(2, why.as_ptr().cast(), why.len()) };
+    code
 }
 
 /// In a new job's child, still root, in its new mount namespace: keeps the node's mounts as slaves, detaches

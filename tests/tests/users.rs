@@ -269,3 +269,15 @@ fn only_the_owner_and_root_move_a_users_job() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn a_job_that_cannot_start_says_why_and_exits_125() {
+    let c = cluster("unostart", 1);
+    let u = user();
+    // The deputy sits in a directory its owner may not enter (root's home, 0700): so may not the job.
+    let out = c.command_as(1, &u, "mosrun").unwrap().args(["/bin/pwd"]).current_dir("/root").output().unwrap();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err, "rmosix: cannot enter the working directory (can its owner reach it?)\n");
+    assert!(out.stdout.is_empty());
+}
