@@ -957,10 +957,13 @@ impl Daemon {
     fn wait_runner(&self, runner: &Runner, report: &Report) {
         let code = runner.job.wait().unwrap_or(255);
         // Ended here or left: either way nothing of it stays on this node.
-        if let Some(cgroup) = &runner.cgroup
-            && let Err(error) = cgroup.remove()
-        {
-            warn!(home_pid = runner.home_pid, %error, "cannot remove the job's cgroup");
+        if let Some(cgroup) = &runner.cgroup {
+            if let Ok(cpu) = cgroup.cpu_time() {
+                info!(home_pid = runner.home_pid, cpu_seconds = cpu.as_secs_f64(), "job's CPU time on this node");
+            }
+            if let Err(error) = cgroup.remove() {
+                warn!(home_pid = runner.home_pid, %error, "cannot remove the job's cgroup");
+            }
         }
         if runner.moving.load(Ordering::Relaxed) {
             return;

@@ -49,7 +49,7 @@ fn on_node(c: &Cluster, i: u32, comm: &str) -> Vec<i32> {
 fn job_cgroup(pid: i32) -> Cgroup {
     let hierarchy = Hierarchy::detect().unwrap();
     let process = ProcessCgroups::read(nix::unistd::Pid::from_raw(pid)).unwrap();
-    hierarchy.cgroup_of(&process, &[Controller::Memory]).unwrap()
+    hierarchy.cgroup_of(&process, &[Controller::Memory, Controller::Cpuacct]).unwrap()
 }
 
 /// The identity lines of `/proc/PID/status`: uids, gids, groups and capability sets.
@@ -104,6 +104,11 @@ fn a_users_python_job_moves_to_node_2_and_home_and_stays_theirs() {
     let cgroup_after = job_cgroup(after);
     assert!(cgroup_after.path().as_str().ends_with(&format!("/job-1-{pid}-1")), "{cgroup_after}");
     assert!(cgroup_after.procs().unwrap().contains(&nix::unistd::Pid::from_raw(after)));
+    // What the job costs on the node, without walking /proc: its CPU time and memory there.
+    let n = lines.count();
+    lines.wait_for(n + 5);
+    assert!(cgroup_after.cpu_time().unwrap() > Duration::from_millis(10), "{cgroup_after}");
+    assert!(cgroup_after.memory_current().unwrap() > 1 << 20, "{cgroup_after}");
     assert!(!cgroup_before.exists(), "the cgroup of the copy that left is gone: {cgroup_before}");
     // Nothing gained by moving: same uids, gids, groups, and capability sets (none but the bounding set).
     assert_eq!(identity(after), identity_before);
