@@ -286,3 +286,20 @@ fn a_job_that_cannot_start_says_why_and_exits_125() {
     assert_eq!(err, "rmosix: cannot enter the working directory (can its owner reach it?)\n");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn an_ordinary_user_reaches_infod_and_starts_a_job_on_another_node() {
+    let c = cluster("ureach", 2);
+    let u = user();
+    c.wait_for_nodes(&[1], Duration::from_secs(15), "node 1 knows node 2", |_, v| v.nodes.iter().any(|n| n.id == 2 && n.alive))
+        .unwrap();
+    let status = c.command_as(1, &u, "mosctl").unwrap().arg("status").output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("10.213.0.2"));
+    // `mosrun -N 2`: started at home, moved at once, its output and status come home.
+    let out = c.command_as(1, &u, "mosrun").unwrap().args(["-N", "2", "/bin/sh", "-c", "sleep 1; id -u; ip -4 -o addr show; exit 4"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with(&format!("{}\n", u.uid)), "{said}");
+    assert!(said.contains("inet 10.213.0.2/") && !said.contains("inet 10.213.0.1/"), "it ran on node 2: {said}");
+}
