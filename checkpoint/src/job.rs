@@ -271,6 +271,11 @@ impl Job {
         })
     }
 
+    /// Whether the job's init is still there (not yet reaped), without touching it.
+    pub fn alive(&self) -> bool {
+        nix::sys::signal::kill(self.pid, None).is_ok()
+    }
+
     /// Waits for the job to end; returns its exit code (128+N when the program died of signal N).
     pub fn wait(&self) -> Result<i32, JobError> {
         loop {

@@ -254,6 +254,9 @@ struct Runner {
     stdin: Arc<Mutex<Option<Arc<File>>>>,
     /// Set just before the copy here is killed because it runs elsewhere now.
     moving: AtomicBool,
+    /// Set when the job has ended here and its exit status is on its way home: the link's end is then the
+    /// job's end, not something to repair.
+    exited: AtomicBool,
     /// The relays of the job's stdout and stderr.
     outputs: Mutex<Vec<JoinHandle<u64>>>,
     epoch: u32,
@@ -592,6 +595,7 @@ impl Daemon {
             job,
             stdin: Arc::new(Mutex::new(Some(Arc::new(File::from(pipes.stdin))))),
             moving: AtomicBool::new(false),
+            exited: AtomicBool::new(false),
             outputs: Mutex::new(Vec::new()),
             epoch: 0,
             cgroup,
@@ -975,6 +979,7 @@ impl Daemon {
         match report {
             Report::Home(home) => self.finish_home(home, Response::Exited { code }),
             Report::Link(link) => {
+                runner.exited.store(true, Ordering::Relaxed);
                 let _ = link.send_frame(protocol::EXIT, &serde_json::to_vec(&code).expect("json"));
             }
         }
@@ -1100,6 +1105,7 @@ impl Daemon {
             job: Arc::new(job),
             stdin: Arc::new(Mutex::new(Some(Arc::new(File::from(pipes.stdin))))),
             moving: AtomicBool::new(false),
+            exited: AtomicBool::new(false),
             outputs: Mutex::new(Vec::new()),
             epoch: offer.epoch,
             cgroup,
@@ -1226,7 +1232,10 @@ impl Daemon {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    if runner.moving.load(Ordering::Relaxed) || slot.gone.load(Ordering::Relaxed) {
+                    if runner.moving.load(Ordering::Relaxed)
+                        || slot.gone.load(Ordering::Relaxed)
+                        || runner.exited.load(Ordering::Relaxed)
+                    {
                         return;
                     }
                     // Home went away (its migd restarting, say): link again while it comes back.
@@ -1235,19 +1244,21 @@ impl Daemon {
                     let deadline = *lost_since.get_or_insert_with(Instant::now) + Duration::from_mins(1);
                     loop {
                         std::thread::sleep(Duration::from_millis(500));
+                        // Checked first: a home that accepts links and drops them at once (it no longer
+                        // knows the job) must not keep this loop going for ever.
+                        if Instant::now() > deadline || !runner.job.alive() {
+                            // Nobody can see this job's output or wait for it any more.
+                            warn!(home_pid = runner.home_pid, "home node unreachable; killing the guest job");
+                            slot.give_up();
+                            let _ = runner.job.signal(Signal::SIGKILL);
+                            return;
+                        }
                         if let Ok((r, w)) = self.link_home(runner)
                             && slot.relink(w).is_ok()
                         {
                             reader = r;
                             info!(home_pid = runner.home_pid, "linked to the home node again");
                             break;
-                        }
-                        if Instant::now() > deadline || runner.job.signal(Signal::SIGCONT).is_err() {
-                            // Nobody can see this job's output or wait for it any more.
-                            warn!(home_pid = runner.home_pid, "home node unreachable; killing the guest job");
-                            slot.give_up();
-                            let _ = runner.job.signal(Signal::SIGKILL);
-                            return;
                         }
                     }
                 }

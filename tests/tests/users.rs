@@ -303,3 +303,22 @@ fn an_ordinary_user_reaches_infod_and_starts_a_job_on_another_node() {
     assert!(said.starts_with(&format!("{}\n", u.uid)), "{said}");
     assert!(said.contains("inet 10.213.0.2/") && !said.contains("inet 10.213.0.1/"), "it ran on node 2: {said}");
 }
+
+#[test]
+fn a_job_that_ended_away_from_home_is_not_linked_home_again() {
+    let c = cluster("uend", 2);
+    let u = user();
+    let mut child = mosrun(&c, &u, &["/bin/sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do echo $i; sleep 0.1; done"]);
+    let pid = child.id();
+    let lines = Lines::of(&mut child);
+    lines.wait_for(2);
+    let said = migrate(&c, &u, pid, "2");
+    assert!(said.contains("from node 1 to node 2"), "{said}");
+    assert!(child.wait().unwrap().success());
+    // The link home ends with the job; node 2 has nothing to repair.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = std::fs::read_to_string(c.node_dir(2).join("migd.log")).unwrap();
+    assert!(log.contains("guest job running"), "the job ran on node 2");
+    assert!(!log.contains("linking again"), "node 2 tried to link an ended job home:\n{log}");
+    assert_eq!(lines.text(), "1\n2\n3\n4\n5\n6\n7\n8\n9\n10\n");
+}
