@@ -154,6 +154,9 @@ pub struct ResourcesConfig {
 pub struct PolicyConfig {
     /// Refuse guest jobs from other nodes.
     pub block_guests: bool,
+    /// Take root's jobs (uid 0) from other nodes. Off by default: whoever holds the cluster key could
+    /// otherwise run anything as root on this node. A root job coming back to its home node is always taken.
+    pub allow_root_guests: bool,
 }
 
 impl Default for Config {

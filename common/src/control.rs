@@ -146,6 +146,8 @@ pub enum Refusal {
     NotYours,
     NotMigratable,
     TargetBlocksGuests,
+    /// The destination does not take root's jobs from other nodes.
+    TargetRefusesRoot,
     TargetDown,
     NoSuchNode,
     StaysHome,

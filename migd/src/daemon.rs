@@ -1033,18 +1033,9 @@ impl Daemon {
     fn receive_job_steps(self: Arc<Self>, mut link: Channel<TcpStream>, from: u32, offer: Offer) {
         let home_pid = offer.home_pid;
         let at_home = offer.home_node == self.me().0;
-        if !at_home && self.settings.config.policy.block_guests {
-            let _ = link.send_json(
-                protocol::VERDICT,
-                &Verdict::no(
-                    Refusal::TargetBlocksGuests,
-                    format!("node {} blocks guests (its policy block_guests is set); choose another node", self.me()),
-                ),
-            );
-            return;
-        }
-        if at_home && !self.homes.lock().expect("homes lock").contains_key(&home_pid) {
-            let _ = link.send_json(protocol::VERDICT, &Verdict::no(Refusal::NoSuchJob, format!("job {home_pid} has no deputy here")));
+        if let Err((why, message)) = self.admit(&offer) {
+            info!(home_pid, from, %message, "offer refused");
+            let _ = link.send_json(protocol::VERDICT, &Verdict::no(why, message));
             return;
         }
         if link.send_json(protocol::VERDICT, &Verdict::yes(0)).is_err() {
@@ -1128,6 +1119,30 @@ impl Daemon {
             warn!(home_pid, error = %e, "cannot link the job to its home; killed");
             let _ = runner.job.signal(Signal::SIGKILL);
         }
+    }
+
+    /// Whether this node takes the job offered: its policy, and for a job coming home, its deputy.
+    fn admit(&self, offer: &Offer) -> Result<(), (Refusal, String)> {
+        let me = self.me();
+        let policy = &self.settings.config.policy;
+        if offer.home_node == me.0 {
+            if !self.homes.lock().expect("homes lock").contains_key(&offer.home_pid) {
+                return Err((Refusal::NoSuchJob, format!("job {} has no deputy here", offer.home_pid)));
+            }
+            return Ok(());
+        }
+        if policy.block_guests {
+            let why = format!("node {me} blocks guests (its policy block_guests is set); choose another node");
+            return Err((Refusal::TargetBlocksGuests, why));
+        }
+        if offer.uid == 0 && !policy.allow_root_guests {
+            let why = format!(
+                "node {me} does not take root's jobs from other nodes (its policy allow_root_guests is off); \
+                 run the job as an ordinary user"
+            );
+            return Err((Refusal::TargetRefusesRoot, why));
+        }
+        Ok(())
     }
 
     /// Receives a job's images into a new image directory of the store.

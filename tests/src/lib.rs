@@ -317,6 +317,9 @@ impl Cluster {
                  port = {MIGD_PORT}\n\
                  socket = \"migd.sock\"\n\
                  records = \"records\"\n\n\
+                 # The tests move root's jobs too.\n\
+                 [policy]\n\
+                 allow_root_guests = true\n\n\
                  [checkpoint]\n\
                  criu = \"{}\"\n\
                  image_store = \"{IMAGE_STORE}\"\n\

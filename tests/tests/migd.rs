@@ -388,7 +388,7 @@ fn a_node_that_blocks_guests_refuses_a_job_which_runs_on_at_home() {
     let c = cluster("mblock", 2);
     let config = c.config(2);
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("\n[policy]\nblock_guests = true\n");
+    text = text.replace("[policy]\n", "[policy]\nblock_guests = true\n");
     std::fs::write(&config, text).unwrap();
     c.kill_daemon(2, "migd").unwrap();
     c.start_migd(2).unwrap();

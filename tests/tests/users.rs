@@ -322,3 +322,42 @@ fn a_job_that_ended_away_from_home_is_not_linked_home_again() {
     assert!(!log.contains("linking again"), "node 2 tried to link an ended job home:\n{log}");
     assert_eq!(lines.text(), "1\n2\n3\n4\n5\n6\n7\n8\n9\n10\n");
 }
+
+#[test]
+fn a_node_takes_root_jobs_from_others_only_when_its_policy_says_so() {
+    let c = cluster("uroot", 2);
+    // Node 2 with the default policy: no root jobs from other nodes.
+    let config = c.config(2);
+    let text = std::fs::read_to_string(&config).unwrap().replace("allow_root_guests = true", "allow_root_guests = false");
+    std::fs::write(&config, text).unwrap();
+    c.kill_daemon(2, "migd").unwrap();
+    c.start_migd(2).unwrap();
+
+    let script = "import time\nfor i in range(100):\n    print(i, flush=True); time.sleep(0.03)";
+    let mut root_job = c.command(1, "mosrun").unwrap().args([PYTHON, "-c", script]).stdout(Stdio::piped()).spawn().unwrap();
+    let root_pid = root_job.id();
+    let root_lines = Lines::of(&mut root_job);
+    root_lines.wait_for(3);
+    let out = c.command(1, "migrate").unwrap().args([root_pid.to_string().as_str(), "2"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!(
+            "migrate: cannot move {root_pid}: node 2 does not take root's jobs from other nodes (its policy \
+             allow_root_guests is off); run the job as an ordinary user"
+        )
+    );
+    // An ordinary user's job is welcome there meanwhile.
+    let u = user();
+    let mut user_job = mosrun(&c, &u, &[PYTHON, "-c", script]);
+    let user_pid = user_job.id();
+    let user_lines = Lines::of(&mut user_job);
+    user_lines.wait_for(3);
+    assert!(migrate(&c, &u, user_pid, "2").contains("from node 1 to node 2"));
+    assert!(root_job.wait().unwrap().success());
+    assert!(user_job.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(200));
+    let whole = (0..100).map(|i: u32| i.to_string() + "\n").collect::<String>();
+    assert_eq!(root_lines.text(), whole, "root's job ran on at home, whole");
+    assert_eq!(user_lines.text(), whole);
+}
