@@ -609,13 +609,34 @@ impl Daemon {
         if start_on != self.me().0 {
             // Started here, moved at once: the simplest way to start elsewhere with everything a move checks.
             let daemon = Arc::clone(self);
-            std::thread::spawn(move || {
-                if let Err(e) = daemon.move_runner(&runner, start_on) {
-                    warn!(home_pid, to = start_on, error = %e, "could not start the job on its node; it runs at home");
-                }
-            });
+            std::thread::spawn(move || daemon.start_away(&runner, start_on));
         }
         Self::deputy_session(stream, &home);
+    }
+
+    /// Moves a job just started here to node `to`, where it was asked to start.
+    fn start_away(self: &Arc<Self>, runner: &Arc<Runner>, start_on: u32) {
+        let home_pid = runner.home_pid;
+        // Not while rmosix-init is still starting the program: a tree caught mid-exec may not dump.
+        let children = format!("/proc/{0}/task/{0}/children", runner.job.pid());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while std::fs::read_to_string(&children).is_ok_and(|c| c.trim().is_empty()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A failed attempt leaves the job running here: try a few times before settling for home.
+        for attempt in 1..=3 {
+            match self.move_runner(runner, start_on) {
+                Ok(_) => return,
+                Err(e) if attempt < 3 && runner.job.alive() && e.why == Refusal::Failed => {
+                    warn!(home_pid, to = start_on, attempt, error = %e, "could not start the job on its node yet");
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Err(e) => {
+                    warn!(home_pid, to = start_on, error = %e, "could not start the job on its node; it runs at home");
+                    return;
+                }
+            }
+        }
     }
 
     /// The record of a job homed here, for its deputy: its output, its input, where it runs.
