@@ -96,15 +96,14 @@ pub fn prepare_store(path: &Path) -> Result<Store, ImagesError> {
     Ok(store)
 }
 
-/// Whether `path` is a mount point of a tmpfs named [`STORE_SOURCE`] in `mountinfo` text.
+/// Whether `path` is a mount point of an image store in `mountinfo` text.
 fn is_our_store(mountinfo: &str, path: &Path) -> bool {
-    mountinfo.lines().any(|line| {
-        let Some((left, right)) = line.split_once(" - ") else { return false };
-        let mut fields = right.split_whitespace();
-        left.split_whitespace().nth(4).is_some_and(|mp| Path::new(mp) == path)
-            && fields.next() == Some("tmpfs")
-            && fields.next() == Some(STORE_SOURCE)
-    })
+    rmosix_common::mountinfo::parse(mountinfo).iter().any(|m| is_store(m) && Path::new(&m.point) == path)
+}
+
+/// Whether a mount is an image store: a tmpfs named [`STORE_SOURCE`].
+pub fn is_store(mount: &rmosix_common::mountinfo::Mount) -> bool {
+    mount.fstype == "tmpfs" && mount.source == STORE_SOURCE
 }
 
 /// Removes the image directories a dead process left in `store`: those named `images-<pid>-...` whose

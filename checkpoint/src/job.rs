@@ -22,7 +22,7 @@
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd as _, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::Signal;
@@ -471,42 +471,18 @@ unsafe fn set_rlimit(resource: u32, soft: u64, hard: u64) {
 /// `mountinfo` text. At start they are detached from the job's copy of the node's mounts; at dump, the ones
 /// that propagated into it since (its mounts are slaves of the node's) are left out of the images.
 pub fn mounts_to_hide(mountinfo: &str) -> Vec<PathBuf> {
-    let mut hide: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            let mut fields = right.split_whitespace();
-            let (fstype, source) = (fields.next()?, fields.next()?);
-            let path = PathBuf::from(unescape_mount_path(mount_point));
-            let handles = fstype == "nsfs" || path == Path::new("/run/netns") || path == Path::new("/var/run/netns");
-            (handles || (fstype == "tmpfs" && source == crate::images::STORE_SOURCE)).then_some(path)
+    let mut hide: Vec<PathBuf> = rmosix_common::mountinfo::parse(mountinfo)
+        .into_iter()
+        .filter(|m| {
+            let handles = m.fstype == "nsfs" || m.point == "/run/netns" || m.point == "/var/run/netns";
+            handles || crate::images::is_store(m)
         })
+        .map(|m| PathBuf::from(m.point))
         .collect();
     // Deepest first, so that each is still reachable when its turn comes.
     hide.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     hide.dedup();
     hide
-}
-
-/// Mount points in mountinfo escape space, tab, newline and backslash as octal (`\040`).
-fn unescape_mount_path(field: &str) -> OsString {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 4]).ok().and_then(|o| u8::from_str_radix(o, 8).ok())
-        {
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    OsString::from_vec(out)
 }
 
 /// Sends SIGCONT to every process of the tree rooted at `root`.

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
-use crate::NodeId;
+use crate::{NodeId, mountinfo};
 
 /// Where the host's mounts are listed; [`Hierarchy::detect`] reads it.
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
@@ -392,55 +392,14 @@ enum Layout {
     V2(v2::Mount),
 }
 
-/// One line of `/proc/self/mountinfo`, the fields that matter here.
-struct MountLine {
-    /// The part of the file system's tree the mount shows (`/` unless a container bind-mounted a subtree).
-    root: String,
-    point: String,
-    fstype: String,
-    super_options: String,
-}
-
-fn parse_mountinfo(text: &str, origin: &Path) -> Result<Vec<MountLine>, CgroupError> {
-    let mut mounts = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        // "31 23 0:28 / /sys/fs/cgroup rw,relatime shared:9 - tmpfs tmpfs rw,mode=755": optional fields end
-        // at the lone "-".
-        let fields: Vec<&str> = line.split(' ').collect();
-        let sep = fields.iter().skip(6).position(|f| *f == "-").map(|p| p + 6);
-        let (Some(sep), true) = (sep, fields.len() > 4) else {
-            return Err(CgroupError::Parse { path: origin.to_owned(), reason: format!("bad mount line {line:?}") });
-        };
-        let after = &fields[sep + 1..];
-        mounts.push(MountLine {
-            root: unescape(fields[3]),
-            point: unescape(fields[4]),
-            fstype: after.first().copied().unwrap_or_default().to_owned(),
-            super_options: after.get(2).copied().unwrap_or_default().to_owned(),
-        });
-    }
-    Ok(mounts)
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
-        match (bytes[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn parse_mountinfo(text: &str, origin: &Path) -> Result<Vec<mountinfo::Mount>, CgroupError> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            mountinfo::parse_line(line)
+                .ok_or_else(|| CgroupError::Parse { path: origin.to_owned(), reason: format!("bad mount line {line:?}") })
+        })
+        .collect()
 }
 
 impl Hierarchy {
@@ -957,13 +916,18 @@ impl JobCgroups {
     }
 
     /// After a crash: removes the child cgroups of `parent` named `prefix...` (normally [`JOB_PREFIX`])
-    /// that hold no process, and returns their names. Cgroups with processes are jobs still running and
-    /// are left for the caller to adopt or kill.
-    pub fn remove_stale(parent: &Cgroup, prefix: &str) -> Result<Vec<String>, CgroupError> {
+    /// that hold no process and are at least `min_age` old, and returns their names. Cgroups with
+    /// processes are jobs still running and are left for the caller to adopt or kill; young empty ones may
+    /// be another daemon's, just made (several migds share a parent on one machine on cgroup v1).
+    pub fn remove_stale(parent: &Cgroup, prefix: &str, min_age: Duration) -> Result<Vec<String>, CgroupError> {
+        let old_enough = |child: &Cgroup| {
+            child.dirs().first().and_then(|d| std::fs::metadata(d).ok()).and_then(|m| m.modified().ok())
+                .is_some_and(|t| t.elapsed().is_ok_and(|age| age >= min_age))
+        };
         let mut removed = Vec::new();
         for name in parent.children()?.into_iter().filter(|n| n.starts_with(prefix)) {
             let child = parent.child(&name)?;
-            if child.procs()?.is_empty() {
+            if child.procs()?.is_empty() && old_enough(&child) {
                 child.remove()?;
                 removed.push(name);
             }

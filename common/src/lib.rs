@@ -12,6 +12,7 @@ pub mod control;
 pub mod key;
 pub mod load;
 pub mod map;
+pub mod mountinfo;
 pub mod node;
 pub mod query;
 pub mod wire;

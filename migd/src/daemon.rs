@@ -1479,20 +1479,10 @@ fn jobs_cgroup() -> Option<Cgroup> {
     };
     // Only leftovers: empty, and old enough not to be a job cgroup another migd of this machine has just
     // made (the test cluster runs several under one parent on cgroup v1).
-    let old = |child: &Cgroup| {
-        child.dirs().first().and_then(|d| std::fs::metadata(d).ok()).and_then(|m| m.modified().ok())
-            .is_some_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_mins(1)))
-    };
-    for name in parent.children().unwrap_or_default().into_iter().filter(|n| n.starts_with(JOB_PREFIX)) {
-        if let Ok(child) = parent.child(&name)
-            && child.procs().is_ok_and(|p| p.is_empty())
-            && old(&child)
-        {
-            match child.remove() {
-                Ok(()) => info!(cgroup = %child, "removed a job cgroup left by an earlier migd"),
-                Err(error) => warn!(cgroup = %child, %error, "cannot remove a job cgroup left by an earlier migd"),
-            }
-        }
+    match JobCgroups::remove_stale(&parent, JOB_PREFIX, Duration::from_mins(1)) {
+        Ok(removed) if !removed.is_empty() => info!(?removed, "removed job cgroups left by an earlier migd"),
+        Ok(_) => {}
+        Err(error) => warn!(%error, "cannot remove job cgroups left by an earlier migd"),
     }
     info!(cgroup = %parent, "jobs get cgroups under this one");
     Some(parent)

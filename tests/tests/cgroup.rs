@@ -132,7 +132,7 @@ fn job_life(h: &Hierarchy, what: &str, has_memory: bool) {
     // A crash sweep removes the empty leftovers, not the running job.
     let stale = parent.child("job-2-77").unwrap();
     stale.create().unwrap();
-    assert_eq!(JobCgroups::remove_stale(parent, JOB_PREFIX).unwrap(), ["job-2-77"]);
+    assert_eq!(JobCgroups::remove_stale(parent, JOB_PREFIX, Duration::ZERO).unwrap(), ["job-2-77"]);
     assert!(!stale.exists());
     assert!(job.cgroup().exists());
 

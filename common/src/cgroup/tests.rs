@@ -388,7 +388,7 @@ fn stale_job_cgroups_are_removed_unless_they_hold_processes() {
         let busy = parent.child("job-3-30").unwrap();
         busy.create().unwrap();
         put(&busy.procs_files()[0], "99\n");
-        let removed = JobCgroups::remove_stale(&parent, JOB_PREFIX).unwrap();
+        let removed = JobCgroups::remove_stale(&parent, JOB_PREFIX, Duration::ZERO).unwrap();
         assert_eq!(removed, ["job-1-10", "job-2-20"], "v2: {v2}");
         assert_eq!(parent.children().unwrap(), ["job-3-30", "supervisor"], "v2: {v2}");
     }
