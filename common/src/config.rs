@@ -52,6 +52,10 @@ pub struct MigdConfig {
     pub records: PathBuf,
     /// `rmosix-init`; default: beside the migd binary.
     pub init: Option<PathBuf>,
+    /// Seconds of silence after which a node is taken for down by the migds that deal with it: a job link
+    /// or a move with nothing heard for this long has ended. A deputy whose job's node went silent says so
+    /// and exits 255 within this time. Both ends send keepalives several times within it.
+    pub silence_secs: u32,
 }
 
 impl Default for MigdConfig {
@@ -61,6 +65,7 @@ impl Default for MigdConfig {
             socket: PathBuf::from("/run/rmosix/migd.sock"),
             records: PathBuf::from("/var/lib/rmosix/records"),
             init: None,
+            silence_secs: 30,
         }
     }
 }
