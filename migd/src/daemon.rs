@@ -26,9 +26,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 use rmosix_checkpoint::criu::{Criu, Owner, Placement};
-use rmosix_checkpoint::images::{ImageDir, prepare_store};
-use rmosix_checkpoint::job::{Credentials, Job, JobError, JobSpec};
-use rmosix_checkpoint::{migratable, transfer};
+use rmosix_checkpoint::images::prepare_store;
+use rmosix_checkpoint::job::{Credentials, Job, JobSpec};
+use rmosix_checkpoint::migratable;
 use rmosix_common::NodeId;
 use rmosix_common::cgroup::{CONTROLLERS, Cgroup, Hierarchy, JOB_PREFIX, JobCgroups};
 use rmosix_common::control::{self, ControlError, Refusal, Request, Response, Run, Target, Where};
@@ -37,7 +37,11 @@ use rmosix_common::query;
 use tracing::{info, warn};
 
 use crate::channel::blocking::{Channel, Reader, Writer};
-use crate::protocol::{self, Attach, Moved, Offer, Verdict};
+use crate::protocol::{self, Ask, Attach, Moved, Offer};
+
+mod destination;
+mod ownership;
+mod source;
 use crate::records::{JobRecord, JobState, RecordStore, RecordsError};
 use crate::relay::{self, SharedPipe, Sink, Switch};
 
@@ -71,8 +75,10 @@ enum Phase {
     Transfer,
     /// The destination restores the job stopped and checks its owner.
     Restore,
-    /// The source ends its copy; the destination lets the job run.
+    /// The destination holds the images; home records the move; the source ends its copy.
     Commit,
+    /// The destination has restored the job; home takes its link; the job runs.
+    Resume,
     /// The job runs at the destination.
     Done,
     /// The move failed; the job runs on at the source.
@@ -87,10 +93,48 @@ impl std::fmt::Display for Phase {
             Phase::Transfer => "transfer",
             Phase::Restore => "restore",
             Phase::Commit => "commit",
+            Phase::Resume => "resume",
             Phase::Done => "done",
             Phase::Aborted => "aborted",
         };
         f.write_str(name)
+    }
+}
+
+/// Where a move is now, for a test harness to strike at: `RMOSIX_PHASE_DELAY=<phase>:<ms>` makes every
+/// move pause that long as it enters that phase (and says so in the log). Unset in normal operation.
+fn enter(phase: Phase) {
+    static DELAY: std::sync::OnceLock<Option<(String, Duration)>> = std::sync::OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        let value = std::env::var("RMOSIX_PHASE_DELAY").ok()?;
+        let (name, ms) = value.split_once(':')?;
+        Some((name.to_owned(), Duration::from_millis(ms.parse().ok()?)))
+    });
+    if let Some((name, pause)) = delay
+        && *name == phase.to_string()
+    {
+        warn!(%phase, pause_ms = pause.as_millis(), "pausing at this phase (RMOSIX_PHASE_DELAY)");
+        std::thread::sleep(*pause);
+    }
+}
+
+/// Sends `KEEPALIVE` on a link every interval until dropped, so the other end can tell silence from a
+/// node that has nothing to say.
+struct Pulse {
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Pulse {
+    fn start(out: Arc<dyn FrameOut>, every: Duration) -> Self {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                if out.send_frame(protocol::KEEPALIVE, &[]).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { _stop: stop }
     }
 }
 
@@ -262,6 +306,49 @@ struct Runner {
     epoch: u32,
     /// The job's cgroup on this node, removed when the job ends here or leaves.
     cgroup: Option<JobCgroups>,
+    /// A guest's link home, while it has one.
+    link: Mutex<Option<Arc<LinkSlot>>>,
+}
+
+impl Runner {
+    #[expect(clippy::too_many_arguments, reason = "a runner is all of these; the two call sites name them")]
+    fn new(
+        home_node: u32,
+        home_pid: i32,
+        (uid, gid, groups): (u32, u32, Vec<u32>),
+        command: Vec<String>,
+        job: Job,
+        stdin: OwnedFd,
+        epoch: u32,
+        cgroup: Option<JobCgroups>,
+    ) -> Self {
+        Self {
+            home_node,
+            home_pid,
+            uid,
+            gid,
+            groups,
+            command,
+            job: Arc::new(job),
+            stdin: Arc::new(Mutex::new(Some(Arc::new(File::from(stdin))))),
+            moving: AtomicBool::new(false),
+            exited: AtomicBool::new(false),
+            outputs: Mutex::new(Vec::new()),
+            epoch,
+            cgroup,
+            link: Mutex::new(None),
+        }
+    }
+
+    /// Kills a copy that must not run (it was never let run) and removes its cgroup.
+    fn kill_and_clean(&self) {
+        self.moving.store(true, Ordering::Relaxed);
+        let _ = self.job.signal(Signal::SIGKILL);
+        let _ = self.job.wait();
+        if let Some(cgroup) = &self.cgroup {
+            let _ = cgroup.remove();
+        }
+    }
 }
 
 impl std::fmt::Debug for Runner {
@@ -327,6 +414,9 @@ pub struct Daemon {
     /// migd's own cgroup, the parent of one cgroup per job running here; `None` when this machine gives
     /// migd none (jobs then run in migd's cgroup).
     jobs_cgroup: Option<Cgroup>,
+    /// Held while a home record's location is read and changed (a move recorded, a link taken), so two
+    /// nodes can never both be given the job (see `ownership`).
+    ownership: Mutex<()>,
 }
 
 /// Who is on the other end of a control connection.
@@ -378,6 +468,7 @@ impl Daemon {
             homes: Mutex::new(HashMap::new()),
             runners: Mutex::new(HashMap::new()),
             jobs_cgroup,
+            ownership: Mutex::new(()),
         })
     }
 
@@ -408,6 +499,29 @@ impl Daemon {
                 (None, Placement::default())
             }
         }
+    }
+
+    /// How long a node may be silent before it is taken for down.
+    fn silence(&self) -> Duration {
+        Duration::from_secs(u64::from(self.settings.config.migd.silence_secs.max(2)))
+    }
+
+    /// Half the silence limit: how long one wait for a peer lasts (a read, a link coming back); two of
+    /// them make a silence.
+    fn patience(&self) -> Duration {
+        self.silence() / 2
+    }
+
+    /// How often links send a keepalive: several times per wait of [`Daemon::patience`].
+    fn keepalive_every(&self) -> Duration {
+        self.silence() / 6
+    }
+
+    /// Bounds every read and write on a connection to another node, so a silent node never blocks a
+    /// thread for longer than [`Daemon::patience`].
+    fn bound_io(&self, stream: &TcpStream) {
+        let _ = stream.set_read_timeout(Some(self.patience()));
+        let _ = stream.set_write_timeout(Some(self.patience()));
     }
 
     /// This node.
@@ -556,7 +670,6 @@ impl Daemon {
                 return;
             }
         };
-        let job = Arc::new(job);
         let mut command = vec![String::from_utf8_lossy(&req.program).into_owned()];
         command.extend(req.args.iter().map(|a| String::from_utf8_lossy(a).into_owned()));
         let now = SystemTime::now();
@@ -581,25 +694,21 @@ impl Daemon {
         }
         let Some(home) = self.new_home(home_pid, req.options.stay_home, 0, stdout, stderr, &stream) else {
             let _ = job.signal(Signal::SIGKILL);
+            let _ = job.wait();
             refuse(&mut stream, Refusal::Failed, "cannot duplicate the deputy's descriptors");
             return;
         };
         info!(home_pid, uid = peer.uid, pid = job.pid(), command = ?command, stay_home = req.options.stay_home, "job started");
-        let runner = Arc::new(Runner {
-            home_node: self.me().0,
+        let runner = Arc::new(Runner::new(
+            self.me().0,
             home_pid,
-            uid: peer.uid,
-            gid: peer.gid,
-            groups: credentials.groups,
+            (peer.uid, peer.gid, credentials.groups),
             command,
             job,
-            stdin: Arc::new(Mutex::new(Some(Arc::new(File::from(pipes.stdin))))),
-            moving: AtomicBool::new(false),
-            exited: AtomicBool::new(false),
-            outputs: Mutex::new(Vec::new()),
-            epoch: 0,
+            pipes.stdin,
+            0,
             cgroup,
-        });
+        ));
         self.attach_here(&home, &runner, pipes.stdout, pipes.stderr);
         relay::spawn_stoppable("deputy-stdin", stdin, home.stdin.clone(), Arc::clone(&home.stop_stdin));
 
@@ -623,13 +732,25 @@ impl Daemon {
         while std::fs::read_to_string(&children).is_ok_and(|c| c.trim().is_empty()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        // A failed attempt leaves the job running here: try a few times before settling for home.
+        // A failed attempt leaves the job running here (maybe as a new copy taken back from the
+        // destination): try a few times, with whatever copy runs here now, before settling for home.
+        let mut runner = Arc::clone(runner);
         for attempt in 1..=3 {
-            match self.move_runner(runner, start_on) {
+            match self.move_runner(&runner, start_on) {
                 Ok(_) => return,
-                Err(e) if attempt < 3 && runner.job.alive() && e.why == Refusal::Failed => {
+                Err(e) if attempt < 3 && e.why == Refusal::Failed => {
                     warn!(home_pid, to = start_on, attempt, error = %e, "could not start the job on its node yet");
                     std::thread::sleep(Duration::from_millis(300));
+                    let here = self.homes.lock().expect("homes lock").get(&home_pid).and_then(|home| {
+                        match &*home.location.lock().expect("location") {
+                            Location::Here(r) => Some(Arc::clone(r)),
+                            _ => None,
+                        }
+                    });
+                    match here {
+                        Some(r) if r.job.alive() => runner = r,
+                        _ => return,
+                    }
                 }
                 Err(e) => {
                     warn!(home_pid, to = start_on, error = %e, "could not start the job on its node; it runs at home");
@@ -721,24 +842,42 @@ impl Daemon {
         if control::send(&mut stream, &Response::Started { home_pid, node: record.node.0 }).is_err() {
             return;
         }
-        self.lose_unless_linked(&home, record.node.0);
+        self.lose_unless_linked(&home, record.node.0, record.migrations);
         Self::deputy_session(stream, &home);
     }
 
-    /// Declares the job lost if its node does not link (again) soon.
-    fn lose_unless_linked(self: &Arc<Self>, home: &Arc<HomeJob>, node: u32) {
+    /// Declares the job lost if no node takes it up soon: its node linking again (generation `epoch` at
+    /// `node`, already running: within half the silence limit, so a deputy hears of a silent node within
+    /// the limit), or the node it moves to linking (a generation recorded but not yet running: within twice
+    /// the limit, the time the source may wait before taking it back).
+    fn lose_unless_linked(self: &Arc<Self>, home: &Arc<HomeJob>, node: u32, epoch: u32) {
         let links = home.links.load(Ordering::Relaxed);
         let daemon = Arc::clone(self);
         let home = Arc::clone(home);
         std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if home.links.load(Ordering::Relaxed) != links || home.done.load(Ordering::Relaxed) {
-                    return;
+            let (mut node, mut epoch) = (node, epoch);
+            loop {
+                let running = daemon.records.get(home.home_pid).is_some_and(|r| r.node_pid != 0);
+                let wait = if running { daemon.patience() } else { daemon.silence() * 2 };
+                let deadline = Instant::now() + wait;
+                while Instant::now() < deadline {
+                    if home.links.load(Ordering::Relaxed) != links || home.done.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                match daemon.records.get(home.home_pid) {
+                    Some(r) if !r.state.has_ended() && (r.node.0, r.migrations) != (node, epoch) => {
+                        // It moved on meanwhile (a move recorded): its old generations are over; watch
+                        // the new one.
+                        home.end_epoch(r.migrations);
+                        (node, epoch) = (r.node.0, r.migrations);
+                    }
+                    _ => break,
+                }
             }
-            daemon.finish_home(&home, Response::Lost { reason: format!("node {node} is down or unreachable") });
+            let reason = format!("node {node} went silent or is down (nothing heard for {} s)", daemon.silence().as_secs());
+            daemon.finish_home(&home, Response::Lost { reason });
         });
     }
 
@@ -778,17 +917,6 @@ impl Daemon {
         let _ = control::send(&mut home.deputy.lock().expect("deputy"), &response);
         // Wake a `migrate` waiting on this job.
         Self::set_move_result(home, Err(MoveError::new(Refusal::NoSuchJob, "the job ended")));
-    }
-
-    /// The home record follows the job.
-    fn note_moved(&self, home_pid: i32, node: u32, pid: i32, epoch: u32) {
-        let _ = self.records.update(home_pid, |r| {
-            r.node = NodeId(node);
-            r.node_pid = pid;
-            // One generation per move: the link's generation is the number of moves so far.
-            r.migrations = epoch;
-            r.state = JobState::Running;
-        });
     }
 
     fn set_move_result(home: &HomeJob, result: Result<u32, MoveError>) {
@@ -878,106 +1006,6 @@ impl Daemon {
         Ok(Response::Moved { home_pid, from, to, seconds: started.elapsed().as_secs_f64(), frozen })
     }
 
-    // ---- moving a job that runs here -------------------------------------------------------------------
-
-    /// Moves a job running on this node to node `to`. On success the copy here is gone and its output has
-    /// been relayed to the end; on failure the job runs on here.
-    fn move_runner(self: &Arc<Self>, runner: &Arc<Runner>, to: u32) -> Result<Duration, MoveError> {
-        let started = Instant::now();
-        let span = tracing::info_span!(
-            "migration",
-            migration_id = %format!("{}.{}-{}", runner.home_node, runner.home_pid, runner.epoch + 1),
-            role = "source",
-            to
-        );
-        let _span = span.enter();
-        let result = self.move_runner_steps(runner, to, started);
-        if let Err(e) = &result {
-            warn!(phase = %Phase::Aborted, why = ?e.why, error = %e, "move failed; the job runs on here");
-        }
-        result
-    }
-
-    fn move_runner_steps(self: &Arc<Self>, runner: &Arc<Runner>, to: u32, started: Instant) -> Result<Duration, MoveError> {
-        let home_pid = runner.home_pid;
-        info!(phase = %Phase::Dump, "moving");
-        let dest = self
-            .settings
-            .map
-            .get(NodeId(to))
-            .ok_or_else(|| MoveError::new(Refusal::NoSuchNode, format!("node {to} is not in the cluster map; `mosctl status` lists the nodes")))?;
-        let failed = |why, e: &dyn std::fmt::Display| MoveError::new(why, format!("{e}"));
-        let images = ImageDir::create(&self.store).map_err(|e| failed(Refusal::Failed, &e))?;
-        let freeze_start = Instant::now();
-        let frozen = runner.job.dump(&self.criu, &images, &Placement::default()).map_err(|e| match e {
-            JobError::NotMigratable { reasons, .. } => MoveError::new(
-                Refusal::NotMigratable,
-                format!("it cannot move: {}", reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
-            ),
-            e => failed(Refusal::Failed, &format!("its checkpoint failed and it runs on where it was: {e}")),
-        })?;
-        let image_bytes = images.total_size().map_err(|e| failed(Refusal::Failed, &e))?;
-        info!(phase = %Phase::Offer, image_bytes, dumped_ms = freeze_start.elapsed().as_millis(), "dumped");
-        let stream = TcpStream::connect_timeout(&SocketAddr::from((dest.addr, self.settings.config.migd.port)), Duration::from_secs(5))
-            .map_err(|e| failed(Refusal::TargetDown, &format!("node {to} is unreachable ({e}); `mosctl status` shows whether it is up")))?;
-        let _ = stream.set_nodelay(true);
-        let mut link = Channel::client_tcp(stream, &self.settings.key, self.me().0)
-            .map_err(|e| failed(Refusal::TargetDown, &format!("node {to} did not accept the connection ({e}); are its cluster key and migd the same as ours?")))?;
-        let offer = Offer {
-            home_node: runner.home_node,
-            home_pid,
-            uid: runner.uid,
-            gid: runner.gid,
-            groups: runner.groups.clone(),
-            command: runner.command.clone(),
-            image_bytes,
-            epoch: runner.epoch + 1,
-        };
-        let net = |e: crate::channel::ChannelError| failed(Refusal::TargetDown, &format!("the connection to node {to} broke ({e})"));
-        link.send_json(protocol::OFFER, &offer).map_err(net)?;
-        let (_, verdict): (u8, Verdict) = link.recv_json().map_err(net)?;
-        if !verdict.ok {
-            return Err(MoveError::new(verdict.refusal.unwrap_or(Refusal::Failed), verdict.message));
-        }
-        info!(phase = %Phase::Transfer, "accepted");
-        link.send(protocol::IMAGES, &[]).map_err(net)?;
-        let key = *link.bulk_key();
-        let raw = link.raw_mut().map_err(net)?;
-        transfer::pack(images.path(), raw, &key).map_err(|e| failed(Refusal::Failed, &e))?;
-        let (_, verdict): (u8, Verdict) = link.recv_json().map_err(net)?;
-        if !verdict.ok {
-            return Err(MoveError::new(verdict.refusal.unwrap_or(Refusal::Failed), verdict.message));
-        }
-        info!(phase = %Phase::Commit, "restored stopped at the destination");
-        // The destination holds a stopped copy: end ours, then let it run.
-        runner.moving.store(true, Ordering::Relaxed);
-        frozen.commit().map_err(|e| failed(Refusal::Failed, &e))?;
-        let committed = link.send(protocol::COMMITTED, &[]);
-        let freeze = freeze_start.elapsed();
-        drop(images);
-        // What the old copy wrote before the freeze is still in its pipes: relay it to the end first.
-        for relay in runner.outputs.lock().expect("outputs").drain(..) {
-            let _ = relay.join();
-        }
-        *runner.stdin.lock().expect("stdin") = None;
-        self.runners.lock().expect("runners").remove(&(runner.home_node, home_pid));
-        info!(phase = %Phase::Done, home_pid, to, pid = verdict.pid, seconds = started.elapsed().as_secs_f64(), frozen = freeze.as_secs_f64(), "job moved");
-        if let Err(e) = committed {
-            warn!(home_pid, to, error = %e, "node {to} did not hear the commit; the job may stay stopped there");
-        }
-        if runner.home_node == self.me().0
-            && let Some(home) = self.homes.lock().expect("homes lock").get(&home_pid).cloned()
-        {
-            *home.location.lock().expect("location") = Location::Moving;
-            *home.frozen.lock().expect("frozen") = freeze.as_secs_f64();
-            home.stdin.set(None);
-            let mut done = home.finished_epoch.lock().expect("epoch");
-            *done = runner.epoch + 1;
-            home.epoch_changed.notify_all();
-        }
-        Ok(freeze)
-    }
-
     /// Waits for a job running here to end and reports its status, unless it ended because it moved.
     fn wait_runner(&self, runner: &Runner, report: &Report) {
         let code = runner.job.wait().unwrap_or(255);
@@ -1011,6 +1039,7 @@ impl Daemon {
     fn serve_peer(self: Arc<Self>, stream: TcpStream) {
         let Ok(addr) = stream.peer_addr() else { return };
         let _ = stream.set_nodelay(true);
+        self.bound_io(&stream);
         let mut link = match Channel::server_tcp(stream, &self.settings.key, self.me().0) {
             Ok(l) => l,
             Err(e) => {
@@ -1032,175 +1061,53 @@ impl Daemon {
                 Ok(attach) => self.serve_link(link, node, &attach),
                 Err(e) => warn!(%addr, error = %e, "bad attach"),
             },
+            Ok((protocol::RECORD_ASK, payload)) => match serde_json::from_slice::<Ask>(&payload) {
+                Ok(ask) => {
+                    let state = self.record_state(&ask, node);
+                    let _ = link.send_json(protocol::RECORD_STATE, &state);
+                }
+                Err(e) => warn!(%addr, error = %e, "bad record question"),
+            },
             Ok((kind, _)) => warn!(%addr, kind, "unexpected first message; dropped"),
             Err(e) => warn!(%addr, error = %e, "peer went away"),
         }
     }
 
-    /// The destination of a move.
-    fn receive_job(self: Arc<Self>, link: Channel<TcpStream>, from: u32, offer: Offer) {
-        let span = tracing::info_span!(
-            "migration",
-            migration_id = %format!("{}.{}-{}", offer.home_node, offer.home_pid, offer.epoch),
-            role = "destination",
-            from
-        );
-        let _span = span.enter();
-        info!(phase = %Phase::Offer, image_bytes = offer.image_bytes, "offered a job");
-        self.receive_job_steps(link, from, offer);
-    }
-
-    #[expect(clippy::needless_pass_by_value, reason = "the offer is consumed by the move it starts")]
-    fn receive_job_steps(self: Arc<Self>, mut link: Channel<TcpStream>, from: u32, offer: Offer) {
-        let home_pid = offer.home_pid;
-        let at_home = offer.home_node == self.me().0;
-        if let Err((why, message)) = self.admit(&offer) {
-            info!(home_pid, from, %message, "offer refused");
-            let _ = link.send_json(protocol::VERDICT, &Verdict::no(why, message));
-            return;
-        }
-        if link.send_json(protocol::VERDICT, &Verdict::yes(0)).is_err() {
-            return;
-        }
-        let images = match self.receive_images(&mut link) {
-            Ok(images) => images,
-            Err(e) => {
-                warn!(home_pid, from, error = %e, "image transfer failed");
-                let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e));
-                return;
-            }
-        };
-        info!(phase = %Phase::Restore, "images received");
-        let owner = Owner { uid: offer.uid, gid: offer.gid };
-        let (cgroup, placement) = self.job_cgroup(offer.home_node, home_pid, offer.epoch);
-        let drop_cgroup = || {
-            if let Some(cgroup) = &cgroup {
-                let _ = cgroup.remove();
-            }
-        };
-        let (job, pipes) = match Job::restore_stopped(&self.criu, &images, placement, Some(owner)) {
-            Ok(j) => j,
-            Err(e) => {
-                drop_cgroup();
-                warn!(home_pid, from, error = %e, "restore failed");
-                let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e.to_string()));
-                return;
-            }
-        };
-        drop(images);
-        // The job runs with its owner's credentials and no other: check every process before it runs.
-        if let Err(e) = check_owner(job.pid(), owner, &offer.groups) {
-            warn!(home_pid, from, error = %e, "restored job has the wrong owner; killed");
-            let _ = job.signal(Signal::SIGKILL);
-            let _ = job.wait();
-            drop_cgroup();
-            let _ = link.send_json(protocol::RUNNING, &Verdict::no(Refusal::Failed, e));
-            return;
-        }
-        if link.send_json(protocol::RUNNING, &Verdict::yes(job.pid())).is_err()
-            || !matches!(link.recv(), Ok((protocol::COMMITTED, _)))
-        {
-            // The source never let its copy go: it runs on there, so this one must not.
-            warn!(home_pid, from, "no commit from the source; dropping the restored copy");
-            let _ = job.signal(Signal::SIGKILL);
-            let _ = job.wait();
-            drop_cgroup();
-            return;
-        }
-        let runner = Arc::new(Runner {
-            home_node: offer.home_node,
-            home_pid,
-            uid: offer.uid,
-            gid: offer.gid,
-            groups: offer.groups.clone(),
-            command: offer.command.clone(),
-            job: Arc::new(job),
-            stdin: Arc::new(Mutex::new(Some(Arc::new(File::from(pipes.stdin))))),
-            moving: AtomicBool::new(false),
-            exited: AtomicBool::new(false),
-            outputs: Mutex::new(Vec::new()),
-            epoch: offer.epoch,
-            cgroup,
-        });
-        if at_home {
-            self.note_moved(home_pid, self.me().0, runner.job.pid(), offer.epoch);
-            let Some(home) = self.homes.lock().expect("homes lock").get(&home_pid).cloned() else {
-                let _ = runner.job.signal(Signal::SIGKILL);
-                return;
-            };
-            home.wait_epoch(offer.epoch);
-            self.attach_here(&home, &runner, pipes.stdout, pipes.stderr);
-            runner.job.resume();
-            if home.killed.load(Ordering::Relaxed) {
-                home.signal(Signal::SIGKILL as i32);
-            }
-            Self::set_move_result(&home, Ok(self.me().0));
-            info!(home_pid, from, "job is home again");
-        } else if let Err(e) = self.run_guest(&runner, pipes.stdout, pipes.stderr) {
-            warn!(home_pid, error = %e, "cannot link the job to its home; killed");
-            let _ = runner.job.signal(Signal::SIGKILL);
-        }
-    }
-
-    /// Whether this node takes the job offered: its policy, and for a job coming home, its deputy.
-    fn admit(&self, offer: &Offer) -> Result<(), (Refusal, String)> {
-        let me = self.me();
-        let policy = &self.settings.config.policy;
-        if offer.home_node == me.0 {
-            if !self.homes.lock().expect("homes lock").contains_key(&offer.home_pid) {
-                return Err((Refusal::NoSuchJob, format!("job {} has no deputy here", offer.home_pid)));
-            }
-            return Ok(());
-        }
-        if policy.block_guests {
-            let why = format!("node {me} blocks guests (its policy block_guests is set); choose another node");
-            return Err((Refusal::TargetBlocksGuests, why));
-        }
-        if offer.uid == 0 && !policy.allow_root_guests {
-            let why = format!(
-                "node {me} does not take root's jobs from other nodes (its policy allow_root_guests is off); \
-                 run the job as an ordinary user"
-            );
-            return Err((Refusal::TargetRefusesRoot, why));
-        }
-        Ok(())
-    }
-
-    /// Receives a job's images into a new image directory of the store.
-    fn receive_images(&self, link: &mut Channel<TcpStream>) -> Result<ImageDir, String> {
-        let images = ImageDir::create(&self.store).map_err(|e| e.to_string())?;
-        let key = *link.bulk_key();
-        match link.recv() {
-            Ok((protocol::IMAGES, _)) => {
-                let raw = link.raw_mut().map_err(|e| e.to_string())?;
-                transfer::unpack(raw, images.path(), &key).map_err(|e| e.to_string())?;
-                Ok(images)
-            }
-            Ok((kind, _)) => Err(format!("expected images, got message {kind}")),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    /// Connects to the job's home node and attaches the job there.
-    fn link_home(&self, runner: &Runner) -> Result<(Reader<TcpStream>, Writer<TcpStream>), String> {
-        let home = self.settings.map.get(NodeId(runner.home_node)).ok_or("home node not in the map")?;
+    /// Connects to the job's home node and links the job there; home answers once the job's previous
+    /// location has ended and its record names this node and the job's generation.
+    fn link_home(&self, runner: &Runner, frozen: Option<f64>) -> Result<(Reader<TcpStream>, Writer<TcpStream>), LinkError> {
+        let unreachable = |e: &dyn std::fmt::Display| LinkError::Unreachable(format!("home node {}: {e}", runner.home_node));
+        let home = self.settings.map.get(NodeId(runner.home_node)).ok_or_else(|| unreachable(&"not in the cluster map"))?;
         let addr = SocketAddr::from((home.addr, self.settings.config.migd.port));
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|e| format!("cannot reach home node {}: {e}", runner.home_node))?;
+        let stream = TcpStream::connect_timeout(&addr, self.patience().min(Duration::from_secs(5))).map_err(|e| unreachable(&e))?;
         let _ = stream.set_nodelay(true);
-        let link = Channel::client_tcp(stream, &self.settings.key, self.me().0).map_err(|e| e.to_string())?;
-        let (reader, mut writer) = link.into_split().map_err(|e| e.to_string())?;
-        let attach = Attach { home_pid: runner.home_pid, pid: runner.job.pid(), epoch: runner.epoch };
-        writer.send_json(protocol::ATTACH, &attach).map_err(|e| e.to_string())?;
+        let handle = stream.try_clone().map_err(|e| unreachable(&e))?;
+        // Home may wait up to the silence limit for the job's previous location to end.
+        let _ = stream.set_read_timeout(Some(self.silence() + self.patience()));
+        let _ = stream.set_write_timeout(Some(self.patience()));
+        let link = Channel::client_tcp(stream, &self.settings.key, self.me().0).map_err(|e| unreachable(&e))?;
+        let (mut reader, mut writer) = link.into_split().map_err(|e| unreachable(&e))?;
+        let attach = Attach { home_pid: runner.home_pid, pid: runner.job.pid(), epoch: runner.epoch, frozen };
+        writer.send_json(protocol::ATTACH, &attach).map_err(|e| unreachable(&e))?;
+        match reader.recv() {
+            Ok((protocol::ATTACHED, _)) => {}
+            Ok((protocol::REFUSED, why)) => {
+                return Err(LinkError::Refused(serde_json::from_slice::<String>(&why).unwrap_or_else(|_| "refused".into())));
+            }
+            Ok((kind, _)) => return Err(unreachable(&format!("answered with message {kind}"))),
+            Err(e) => return Err(unreachable(&e)),
+        }
+        self.bound_io(&handle);
         Ok((reader, writer))
     }
 
-    /// Runs a guest job: links it to its home node and serves the link, linking again if it breaks (the
-    /// home migd restarting) for up to a minute.
-    fn run_guest(self: &Arc<Self>, runner: &Arc<Runner>, stdout: OwnedFd, stderr: OwnedFd) -> Result<(), String> {
-        let (reader, writer) = self.link_home(runner)?;
+    /// Runs a guest job: links it to its home node (which must take it before it runs) and serves the link,
+    /// linking again if it breaks (the home migd restarting) for up to half the silence limit.
+    fn run_guest(self: &Arc<Self>, runner: &Arc<Runner>, stdout: OwnedFd, stderr: OwnedFd, frozen: Option<f64>) -> Result<(), String> {
+        let (reader, writer) = self.link_home(runner, frozen).map_err(|e| e.to_string())?;
         let slot = Arc::new(LinkSlot::default());
         slot.set(Some(writer));
+        *runner.link.lock().expect("link") = Some(Arc::clone(&slot));
         *runner.outputs.lock().expect("outputs") = vec![
             relay::spawn("guest-stdout", stdout, OutputSink { slot: Arc::clone(&slot), kind: protocol::STDOUT }),
             relay::spawn("guest-stderr", stderr, OutputSink { slot: Arc::clone(&slot), kind: protocol::STDERR }),
@@ -1216,20 +1123,18 @@ impl Daemon {
         info!(home_pid = runner.home_pid, home = runner.home_node, pid = runner.job.pid(), "guest job running");
         let daemon = Arc::clone(self);
         let runner = Arc::clone(runner);
-        std::thread::spawn(move || daemon.serve_guest_link(&runner, &slot, reader));
+        let pulse = Pulse::start(Arc::clone(&slot) as Arc<dyn FrameOut>, self.keepalive_every());
+        std::thread::spawn(move || {
+            daemon.serve_guest_link(&runner, &slot, reader);
+            drop(pulse);
+        });
         Ok(())
     }
 
     /// Orders from home for a guest job.
     fn serve_guest_link(self: &Arc<Self>, runner: &Arc<Runner>, slot: &Arc<LinkSlot>, mut reader: Reader<TcpStream>) {
-        // Since when home has been out of reach (links that drop at once do not count as reaching it).
-        let mut lost_since: Option<Instant> = None;
         loop {
-            let message = reader.recv();
-            if message.is_ok() {
-                lost_since = None;
-            }
-            match message {
+            match reader.recv() {
                 Ok((protocol::STDIN, data)) => {
                     let _ = SharedPipe(Arc::clone(&runner.stdin)).put(&data);
                 }
@@ -1249,17 +1154,11 @@ impl Daemon {
                 }
                 Ok((protocol::MIGRATE, data)) => {
                     let Ok(to) = serde_json::from_slice::<u32>(&data) else { continue };
-                    let started = Instant::now();
                     match self.move_runner(runner, to) {
-                        Ok(frozen) => {
-                            let moved = Moved { to, seconds: started.elapsed().as_secs_f64(), frozen: frozen.as_secs_f64() };
-                            let _ = slot.send_frame(protocol::MOVED, &serde_json::to_vec(&moved).expect("json"));
-                            if let Some(mut w) = slot.writer.lock().expect("slot").take() {
-                                let _ = w.shutdown();
-                            }
-                            slot.give_up();
-                            return;
-                        }
+                        // The link ended with the move (MOVED was its last word).
+                        Ok(_) => return,
+                        // The copy here is gone and its link with it; home knows what became of the job.
+                        Err(_) if runner.moving.load(Ordering::Relaxed) => return,
                         Err(e) => {
                             let failure = serde_json::to_vec(&(e.why, e.message)).expect("json");
                             let _ = slot.send_frame(protocol::MOVE_FAILED, &failure);
@@ -1274,62 +1173,90 @@ impl Daemon {
                     {
                         return;
                     }
-                    // Home went away (its migd restarting, say): link again while it comes back.
-                    warn!(home_pid = runner.home_pid, error = %e, "link to the home node lost; linking again");
-                    slot.set(None);
-                    let deadline = *lost_since.get_or_insert_with(Instant::now) + Duration::from_mins(1);
-                    loop {
-                        std::thread::sleep(Duration::from_millis(500));
-                        // Checked first: a home that accepts links and drops them at once (it no longer
-                        // knows the job) must not keep this loop going for ever.
-                        if Instant::now() > deadline || !runner.job.alive() {
-                            // Nobody can see this job's output or wait for it any more.
-                            warn!(home_pid = runner.home_pid, "home node unreachable; killing the guest job");
-                            slot.give_up();
-                            let _ = runner.job.signal(Signal::SIGKILL);
-                            return;
-                        }
-                        if let Ok((r, w)) = self.link_home(runner)
-                            && slot.relink(w).is_ok()
-                        {
-                            reader = r;
-                            info!(home_pid = runner.home_pid, "linked to the home node again");
-                            break;
-                        }
+                    match self.relink(runner, slot, &e) {
+                        Some(r) => reader = r,
+                        None => return,
                     }
                 }
             }
         }
     }
 
-    /// Home side of a job link: the job runs on node `node`.
-    fn serve_link(self: Arc<Self>, link: Channel<TcpStream>, node: u32, attach: &Attach) {
-        // After a restart of this migd the deputy may come back a moment after the job's node.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let home = loop {
-            if let Some(home) = self.homes.lock().expect("homes lock").get(&attach.home_pid).cloned() {
-                break home;
+    /// Home went away or silent (its migd restarting, a partition): links again while it comes back, for
+    /// up to half the silence limit (home declares the job lost after the whole limit). Gives up, killing
+    /// the job, when home cannot be reached by then or refuses the job.
+    fn relink(self: &Arc<Self>, runner: &Runner, slot: &LinkSlot, error: &dyn std::fmt::Display) -> Option<Reader<TcpStream>> {
+        warn!(home_pid = runner.home_pid, %error, "link to the home node lost; linking again");
+        slot.set(None);
+        let deadline = Instant::now() + self.patience();
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            // Checked first: a home that accepts links and drops them at once must not keep this going.
+            if Instant::now() > deadline || !runner.job.alive() {
+                warn!(home_pid = runner.home_pid, "home node unreachable; killing the guest job");
+                break;
             }
-            let known = self.records.get(attach.home_pid).is_some_and(|r| !r.state.has_ended());
+            match self.link_home(runner, None) {
+                Ok((r, w)) => {
+                    if slot.relink(w).is_ok() {
+                        info!(home_pid = runner.home_pid, "linked to the home node again");
+                        return Some(r);
+                    }
+                }
+                Err(LinkError::Refused(why)) => {
+                    warn!(home_pid = runner.home_pid, %why, "home refuses the job here; killing this copy");
+                    break;
+                }
+                Err(LinkError::Unreachable(_)) => {}
+            }
+        }
+        // Nobody can see this job's output or wait for it any more.
+        slot.give_up();
+        let _ = runner.job.signal(Signal::SIGKILL);
+        None
+    }
+
+    /// Home side of a job link: the job runs on node `node`, if the record says so.
+    fn serve_link(self: Arc<Self>, link: Channel<TcpStream>, node: u32, attach: &Attach) {
+        let home_pid = attach.home_pid;
+        // After a restart of this migd the deputy may come back a moment after the job's node.
+        let deadline = Instant::now() + self.silence();
+        let home = loop {
+            if let Some(home) = self.homes.lock().expect("homes lock").get(&home_pid).cloned() {
+                break Some(home);
+            }
+            let known = self.records.get(home_pid).is_some_and(|r| !r.state.has_ended());
             if !known || Instant::now() > deadline {
-                warn!(home_pid = attach.home_pid, node, "link for a job with no deputy here; dropped");
-                return;
+                break None;
             }
             std::thread::sleep(Duration::from_millis(100));
         };
         let Ok((mut reader, writer)) = link.into_split() else { return };
         let writer: SharedWriter = Arc::new(Mutex::new(writer));
-        home.wait_epoch(attach.epoch);
-        home.links.fetch_add(1, Ordering::Relaxed);
+        let refuse = |why: String| {
+            warn!(home_pid, node, epoch = attach.epoch, %why, "job link refused");
+            let _ = writer.lock().expect("link").send_json(protocol::REFUSED, &why);
+        };
+        let Some(home) = home else { return refuse(format!("job {home_pid} has no deputy here")) };
+        if !home.wait_epoch(attach.epoch, self.silence()) {
+            return refuse("the job's previous location has not ended".into());
+        }
+        if let Err(why) = self.bind(home_pid, node, attach.epoch, attach.pid) {
+            return refuse(why);
+        }
+        let _ = writer.lock().expect("link").send(protocol::ATTACHED, &[]);
+        let _pulse = Pulse::start(Arc::clone(&writer) as Arc<dyn FrameOut>, self.keepalive_every());
         *home.location.lock().expect("location") = Location::Away { link: Arc::clone(&writer) };
         let out: Arc<dyn FrameOut> = Arc::clone(&writer) as Arc<dyn FrameOut>;
         home.stdin.set(Some(Box::new(FrameSink { out, kind: protocol::STDIN, eof_kind: Some(protocol::STDIN_EOF) })));
         if home.killed.load(Ordering::Relaxed) {
             home.signal(Signal::SIGKILL as i32);
         }
-        self.note_moved(attach.home_pid, node, attach.pid, attach.epoch);
+        if let Some(frozen) = attach.frozen {
+            *home.frozen.lock().expect("frozen") = frozen;
+        }
         Self::set_move_result(&home, Ok(node));
-        info!(home_pid = attach.home_pid, node, pid = attach.pid, "job runs away from home");
+        info!(home_pid, node, pid = attach.pid, epoch = attach.epoch, "job runs away from home");
         {
             // Output numbering starts again with each generation; a link again of the same one goes on.
             let mut written = home.written.lock().expect("written");
@@ -1337,6 +1264,12 @@ impl Daemon {
                 *written = (attach.epoch, None);
             }
         }
+        self.serve_link_frames(&home, &mut reader, &writer, node, attach.epoch);
+    }
+
+    /// The frames of a job link that home has taken, until it ends.
+    fn serve_link_frames(self: &Arc<Self>, home: &Arc<HomeJob>, reader: &mut Reader<TcpStream>, writer: &SharedWriter, node: u32, epoch: u32) {
+        let home_pid = home.home_pid;
         loop {
             match reader.recv() {
                 Ok((kind @ (protocol::STDOUT | protocol::STDERR), data)) if data.len() >= 8 => {
@@ -1353,42 +1286,60 @@ impl Daemon {
                 }
                 Ok((protocol::EXIT, data)) => {
                     let code = serde_json::from_slice::<i32>(&data).unwrap_or(255);
-                    self.finish_home(&home, Response::Exited { code });
+                    self.finish_home(home, Response::Exited { code });
                     return;
                 }
                 Ok((protocol::MOVED, data)) => {
                     let moved: Option<Moved> = serde_json::from_slice(&data).ok();
-                    if let Some(m) = &moved {
-                        *home.frozen.lock().expect("frozen") = m.frozen;
-                    }
-                    info!(home_pid = attach.home_pid, from = node, to = ?moved.map(|m| m.to), "job left node");
+                    info!(home_pid, from = node, to = ?moved.map(|m| m.to), "job left node");
                     *home.location.lock().expect("location") = Location::Moving;
                     home.stdin.set(None);
-                    let mut done = home.finished_epoch.lock().expect("epoch");
-                    *done = attach.epoch + 1;
-                    home.epoch_changed.notify_all();
+                    home.end_epoch(epoch + 1);
                     return;
                 }
                 Ok((protocol::MOVE_FAILED, data)) => {
                     let (why, message): (Refusal, String) =
                         serde_json::from_slice(&data).unwrap_or((Refusal::Failed, "move failed".into()));
-                    Self::set_move_result(&home, Err(MoveError::new(why, message)));
+                    Self::set_move_result(home, Err(MoveError::new(why, message)));
                 }
                 Ok(_) => {}
                 Err(e) => {
                     if home.done.load(Ordering::Relaxed) {
                         return;
                     }
-                    // The node may be restarting its migd or briefly unreachable: give it time to link again.
-                    warn!(home_pid = attach.home_pid, node, error = %e, "job link lost");
-                    *home.location.lock().expect("location") = Location::Moving;
-                    home.stdin.set(None);
-                    self.lose_unless_linked(&home, node);
+                    let mut location = home.location.lock().expect("location");
+                    if matches!(&*location, Location::Away { link } if Arc::ptr_eq(link, writer)) {
+                        *location = Location::Moving;
+                        home.stdin.set(None);
+                    }
+                    drop(location);
+                    let moved_on = self.records.get(home_pid).is_some_and(|r| r.migrations > epoch);
+                    if moved_on {
+                        // The move was recorded and the source fell silent before its last word: its
+                        // generation is over.
+                        home.end_epoch(epoch + 1);
+                    } else {
+                        // Its node may be restarting its migd or briefly unreachable: give it time to link again.
+                        warn!(home_pid, node, error = %e, "job link lost");
+                    }
+                    Self::set_move_result(home, Err(MoveError::new(Refusal::TargetDown, format!("node {node} went silent ({e})"))));
+                    let (node, epoch) = self.records.get(home_pid).map_or((node, epoch), |r| (r.node.0, r.migrations));
+                    self.lose_unless_linked(home, node, epoch);
                     return;
                 }
             }
         }
     }
+}
+
+/// Why a node could not link a job home.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    /// Home says the job is not this node's to run (any more).
+    #[error("home refuses the job: {0}")]
+    Refused(String),
+    #[error("cannot reach {0}")]
+    Unreachable(String),
 }
 
 impl HomeJob {
@@ -1413,12 +1364,23 @@ impl HomeJob {
     }
 
     /// Waits until the job's locations before generation `epoch` have ended, so generation `epoch` may start.
-    fn wait_epoch(&self, epoch: u32) {
+    /// Whether it came to that within `limit`.
+    fn wait_epoch(&self, epoch: u32, limit: Duration) -> bool {
         let mut done = self.finished_epoch.lock().expect("epoch");
-        let deadline = Instant::now() + Duration::from_mins(10);
+        let deadline = Instant::now() + limit;
         while *done < epoch && Instant::now() < deadline {
             done = self.epoch_changed.wait_timeout(done, Duration::from_millis(200)).expect("epoch").0;
         }
+        *done >= epoch
+    }
+
+    /// The job's locations before generation `epoch` have all ended.
+    fn end_epoch(&self, epoch: u32) {
+        let mut done = self.finished_epoch.lock().expect("epoch");
+        if *done < epoch {
+            *done = epoch;
+        }
+        self.epoch_changed.notify_all();
     }
 }
 

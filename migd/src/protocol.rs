@@ -1,16 +1,22 @@
 //! The messages migds exchange over an authenticated [`crate::channel`].
 //!
-//! Two kinds of connection, told apart by their first frame:
+//! Three kinds of connection, told apart by their first frame:
 //!
 //! A **migration** (`OFFER`): the node the job runs on (the source) offers it to the destination, which
-//! accepts or refuses; the source sends the images (`IMAGES`, then the raw image stream, authenticated by
-//! the connection's bulk key); the destination restores them stopped and answers `RUNNING`; the source kills
-//! its frozen copy and answers `COMMITTED`; only then does the destination let the job run. Until `RUNNING`,
-//! any failure leaves the job running at the source; after it, the source's copy is gone and the
-//! destination's runs. Never two copies running, never none.
+//! accepts or refuses; the source sends the images (`IMAGES`, then the raw image stream); the destination
+//! keeps them and answers `RECEIVED`; the source has the move recorded at the job's home (a record
+//! question, below), kills its frozen copy and sends `COMMITTED`; the destination restores the job stopped,
+//! links it home, lets it run and answers `RESTORED` (or `FAILED`, and the source restores its own images).
+//! Either end sends `KEEPALIVE` while it works on a long step, so silence means the other end is gone.
+//!
+//! A **record question** (`RECORD_ASK`): any node involved in a move asks the job's home node where the job
+//! is (node and generation), or asks it to change that record from one place to another. The home record is
+//! where a move commits; see `daemon::ownership`.
 //!
 //! A **job link** (`ATTACH`): the node a job runs on, when that is not its home, connects to the home node;
-//! the job's output and exit status flow home, its input, signals and move orders flow out.
+//! home answers `ATTACHED` only if its record names that node and generation, else `REFUSED`. The job's
+//! output and exit status flow home, its input, signals and move orders flow out; both ends send
+//! `KEEPALIVE` so that a node that goes silent is noticed.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,10 +26,22 @@ pub const OFFER: u8 = 1;
 pub const VERDICT: u8 = 2;
 /// The image stream follows (source to destination).
 pub const IMAGES: u8 = 3;
-/// The job is restored and stopped (destination to source): [`Verdict`].
-pub const RUNNING: u8 = 4;
-/// The source's copy is gone: run (source to destination).
+/// The job runs at the destination, linked home (destination to source): [`Verdict`]; the source may drop
+/// its images.
+pub const RESTORED: u8 = 4;
+/// Home recorded the move and the source's copy is gone: restore and run (source to destination): [`Go`].
 pub const COMMITTED: u8 = 5;
+/// The images arrived whole (destination to source): [`Verdict`].
+pub const RECEIVED: u8 = 6;
+/// The restore failed; the source takes the job back from its images (destination to source): [`Verdict`].
+pub const FAILED: u8 = 7;
+/// Nothing to say, but still here (either way, on every kind of connection).
+pub const KEEPALIVE: u8 = 8;
+
+/// A record question, the first frame of its connection: [`Ask`].
+pub const RECORD_ASK: u8 = 30;
+/// Home's answer: [`RecordState`].
+pub const RECORD_STATE: u8 = 31;
 
 /// A job link: the first frame, from the node running the job to its home: [`Attach`].
 pub const ATTACH: u8 = 10;
@@ -47,6 +65,10 @@ pub const MOVED: u8 = 18;
 pub const MOVE_FAILED: u8 = 19;
 /// Kill the job (from home): its deputy is gone.
 pub const KILL: u8 = 20;
+/// Home takes the link (from home): the job may run.
+pub const ATTACHED: u8 = 22;
+/// Home refuses the link (from home): its record names another node or generation; JSON reason.
+pub const REFUSED: u8 = 23;
 /// Output up to this sequence number is written out at home (from home): u64 little-endian. Output frames
 /// (`STDOUT`, `STDERR`) start with their own sequence number, so a node that links again after losing its
 /// link sends what was not acknowledged, and home skips what it already wrote.
@@ -95,13 +117,58 @@ impl Verdict {
 }
 
 /// The first frame of a job link.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attach {
     pub home_pid: i32,
     /// Host PID of the job's init on the attaching node.
     pub pid: i32,
     /// Generation of the link: home takes the output of link N+1 only after link N has ended.
     pub epoch: u32,
+    /// On the first link of a generation that arrived by a move: seconds the job was stopped by it.
+    #[serde(default)]
+    pub frozen: Option<f64>,
+}
+
+/// Go ahead (source to destination, with `COMMITTED`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Go {
+    /// Seconds since the source froze the job, so the destination can tell home the whole freeze.
+    pub frozen_so_far: f64,
+}
+
+/// A change of a job's home record: from where it is to where it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Where the record must say the job is now, for the change to be made.
+    pub from_node: u32,
+    pub from_epoch: u32,
+    /// Where it goes: always the next generation.
+    pub to_node: u32,
+}
+
+/// A record question to the job's home node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ask {
+    pub home_pid: i32,
+    /// `None`: only tell where the job is.
+    pub change: Option<Change>,
+    /// From the node the record names: the job cannot be run anywhere any more (both its restores failed);
+    /// home tells its deputy.
+    #[serde(default)]
+    pub lost: Option<String>,
+}
+
+/// Where the home record says a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordState {
+    /// The job has ended (or home has no such job): nobody may run it.
+    pub ended: bool,
+    pub node: u32,
+    pub epoch: u32,
+    /// The job's node at that generation has linked home and runs it.
+    pub attached: bool,
+    /// The change asked for was made (or had been made already).
+    pub changed: bool,
 }
 
 /// The end of a job link by migration.
