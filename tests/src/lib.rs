@@ -26,6 +26,7 @@ use rmosix_common::cgroup::{self, Cgroup, CgroupPath, Controller, Hierarchy};
 use rmosix_common::key::ClusterKey;
 use rmosix_common::query::{self, ClusterView, Request, Response};
 
+pub mod netfault;
 pub mod user;
 
 /// Where cluster state lives.

@@ -19,6 +19,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("passwd", "useradd and groupadd: the tests and the demo run jobs as an ordinary user they create"),
     ("python3", "a real program the tests and the demo move between nodes"),
     ("gzip", "a real compressor in the pipelines the tests move"),
+    ("nftables", "nft: the fault tests silence a node or a path between two nodes by dropping packets in its namespace"),
 ];
 
 fn installed(package: &str) -> bool {
