@@ -383,6 +383,9 @@ struct HomeJob {
     epoch_changed: Condvar,
     /// Outcome of the move in progress, for the `migrate` that asked.
     move_result: Mutex<Option<Result<u32, MoveError>>>,
+    /// Why the move in progress failed after it was recorded, when the job was taken back: the `migrate`
+    /// that asked hears it once the job runs again.
+    taken_back: Mutex<Option<String>>,
     move_changed: Condvar,
     /// Seconds the job was frozen during its last move.
     frozen: Mutex<f64>,
@@ -787,6 +790,7 @@ impl Daemon {
             finished_epoch: Mutex::new(epoch),
             epoch_changed: Condvar::new(),
             move_result: Mutex::new(None),
+            taken_back: Mutex::new(None),
             move_changed: Condvar::new(),
             frozen: Mutex::new(0.0),
             links: std::sync::atomic::AtomicU32::new(0),
@@ -1255,7 +1259,7 @@ impl Daemon {
         if let Some(frozen) = attach.frozen {
             *home.frozen.lock().expect("frozen") = frozen;
         }
-        Self::set_move_result(&home, Ok(node));
+        home.arrived(node);
         info!(home_pid, node, pid = attach.pid, epoch = attach.epoch, "job runs away from home");
         {
             // Output numbering starts again with each generation; a link again of the same one goes on.
@@ -1343,6 +1347,15 @@ enum LinkError {
 }
 
 impl HomeJob {
+    /// The job runs at `node` now: the end of the move in progress, which failed if the job was taken back.
+    fn arrived(&self, node: u32) {
+        let result = match self.taken_back.lock().expect("taken back").take() {
+            Some(why) => Err(MoveError::new(Refusal::Failed, why)),
+            None => Ok(node),
+        };
+        Daemon::set_move_result(self, result);
+    }
+
     /// Forwards a signal to the job wherever it runs.
     fn signal(&self, signo: i32) {
         match &*self.location.lock().expect("location") {

@@ -189,7 +189,7 @@ impl Daemon {
         if home.killed.load(Ordering::Relaxed) {
             home.signal(Signal::SIGKILL as i32);
         }
-        Self::set_move_result(&home, Ok(self.me().0));
+        home.arrived(self.me().0);
         info!(home_pid, "job is home again");
         Ok(())
     }

@@ -34,11 +34,10 @@ use std::time::{Duration, Instant};
 use rmosix_common::NodeId;
 use tracing::{info, warn};
 
-use super::{Daemon, MoveError};
+use super::Daemon;
 use crate::channel::blocking::Channel;
 use crate::protocol::{self, Ask, Change, RecordState};
 use crate::records::JobState;
-use rmosix_common::control::Refusal;
 
 /// How a node that holds a form of a job learns where the job is.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +102,7 @@ impl Daemon {
             // Taken back from a node that never ran it: its generation is over, and the move failed.
             home.end_epoch(to_epoch);
             let why = format!("it could not start on node {}; it runs on at node {}", change.from_node, change.to_node);
-            Self::set_move_result(&home, Err(MoveError::new(Refusal::Failed, why)));
+            *home.taken_back.lock().expect("taken back") = Some(why);
         }
         state.node = change.to_node;
         state.epoch = to_epoch;
