@@ -52,10 +52,22 @@ pub struct MigdConfig {
     pub records: PathBuf,
     /// `rmosix-init`; default: beside the migd binary.
     pub init: Option<PathBuf>,
+    /// The most image bytes this node takes in one incoming move. 0: automatic, the node's available memory
+    /// (`MemAvailable`) less 10 % of its memory or 256 MiB, whichever is larger, when the offer arrives
+    /// (`rmosix_checkpoint::transfer::image_limit`). Images land on a tmpfs, in memory, so a peer could
+    /// otherwise fill it: a larger offer is refused, and so is a stream that announces or carries more.
+    pub max_image_bytes: u64,
     /// Seconds of silence after which a node is taken for down by the migds that deal with it: a job link
     /// or a move with nothing heard for this long has ended. A deputy whose job's node went silent says so
     /// and exits 255 within this time. Both ends send keepalives several times within it.
     pub silence_secs: u32,
+    /// Control connections one local user other than root may hold at once that are not running a job:
+    /// connected and not yet asked (a client has a few seconds to ask), or asking (`migrate`). A `mosrun`
+    /// counts only until its job has started, so a user may run any number of jobs; connections beyond
+    /// this wait their turn for those few seconds, and migd refuses ("busy") what is still waiting then, or
+    /// what arrives while eight times this many wait. This bounds the threads and descriptors one user
+    /// can take from migd; root is not counted, so its tools get through whatever users do.
+    pub requests_per_user: u32,
 }
 
 impl Default for MigdConfig {
@@ -65,7 +77,9 @@ impl Default for MigdConfig {
             socket: PathBuf::from("/run/rmosix/migd.sock"),
             records: PathBuf::from("/var/lib/rmosix/records"),
             init: None,
+            max_image_bytes: 0,
             silence_secs: 30,
+            requests_per_user: 32,
         }
     }
 }
@@ -305,6 +319,9 @@ impl Config {
         {
             return bad("resources.speed", "must be a positive number");
         }
+        if self.migd.requests_per_user == 0 {
+            return bad("migd.requests_per_user", "must be at least 1");
+        }
         if self.resources.source == ResourceSource::Cgroup && self.resources.cgroup.is_none() {
             return bad(
                 "resources.cgroup",
@@ -376,6 +393,15 @@ mod tests {
             err.to_string(),
             "x.toml: resources.cgroup: source = \"cgroup\" needs the node's cgroup, a path such as \"/rmosix-local/node1\""
         );
+    }
+
+    #[test]
+    fn the_image_limit_is_automatic_unless_set() {
+        assert_eq!(Config::default().migd.max_image_bytes, 0);
+        let c = Config::parse("[migd]\nmax_image_bytes = 8589934592\n", Path::new("x.toml")).unwrap();
+        assert_eq!(c.migd.max_image_bytes, 8 << 30);
+        let err = Config::parse("[migd]\nmax_image_bytes = -1\n", Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("max_image_bytes"), "{err}");
     }
 
     #[test]
