@@ -61,6 +61,13 @@ pub struct MigdConfig {
     /// or a move with nothing heard for this long has ended. A deputy whose job's node went silent says so
     /// and exits 255 within this time. Both ends send keepalives several times within it.
     pub silence_secs: u32,
+    /// Control connections one local user other than root may hold at once that are not running a job:
+    /// connected and not yet asked (a client has a few seconds to ask), or asking (`migrate`). A `mosrun`
+    /// counts only until its job has started, so a user may run any number of jobs; connections beyond
+    /// this wait their turn for those few seconds, and migd refuses ("busy") what is still waiting then, or
+    /// what arrives while eight times this many wait. This bounds the threads and descriptors one user
+    /// can take from migd; root is not counted, so its tools get through whatever users do.
+    pub requests_per_user: u32,
 }
 
 impl Default for MigdConfig {
@@ -72,6 +79,7 @@ impl Default for MigdConfig {
             init: None,
             max_image_bytes: 0,
             silence_secs: 30,
+            requests_per_user: 32,
         }
     }
 }
@@ -310,6 +318,9 @@ impl Config {
             && !(speed.is_finite() && speed > 0.0)
         {
             return bad("resources.speed", "must be a positive number");
+        }
+        if self.migd.requests_per_user == 0 {
+            return bad("migd.requests_per_user", "must be at least 1");
         }
         if self.resources.source == ResourceSource::Cgroup && self.resources.cgroup.is_none() {
             return bad(
