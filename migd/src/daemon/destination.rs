@@ -45,7 +45,7 @@ impl Daemon {
             return;
         }
         enter(Phase::Transfer);
-        let images = match self.receive_images(&mut link) {
+        let images = match self.receive_images(&mut link, offer.image_bytes) {
             Ok(images) => images,
             Err(e) => {
                 warn!(home_pid, from, error = %e, "image transfer failed");
@@ -208,6 +208,20 @@ impl Daemon {
             let why = format!("node {me} blocks guests (its policy block_guests is set); choose another node");
             return Err((Refusal::TargetBlocksGuests, why));
         }
+        // Images land in memory (a tmpfs) and the restore needs as much again: refuse before a byte is sent
+        // what this node cannot hold.
+        match transfer::image_limit(self.settings.config.migd.max_image_bytes) {
+            Ok(limit) if offer.image_bytes > limit => {
+                let why = format!(
+                    "node {me} has room for {} MiB of images now and the job's are {} MiB; choose another node",
+                    limit >> 20,
+                    offer.image_bytes.div_ceil(1 << 20)
+                );
+                return Err((Refusal::Busy, why));
+            }
+            Ok(_) => {}
+            Err(e) => return Err((Refusal::Failed, format!("node {me} cannot tell how much memory it has: {e}"))),
+        }
         if offer.uid == 0 && !policy.allow_root_guests {
             let why = format!(
                 "node {me} does not take root's jobs from other nodes (its policy allow_root_guests is off); \
@@ -218,14 +232,16 @@ impl Daemon {
         Ok(())
     }
 
-    /// Receives a job's images into a new image directory of the store.
-    fn receive_images(&self, link: &mut Channel<TcpStream>) -> Result<ImageDir, String> {
+    /// Receives a job's images into a new image directory of the store: no more than the offer announced,
+    /// nor than this node's image limit.
+    fn receive_images(&self, link: &mut Channel<TcpStream>, announced: u64) -> Result<ImageDir, String> {
+        let limit = transfer::image_limit(self.settings.config.migd.max_image_bytes).map_err(|e| e.to_string())?.min(announced);
         let images = ImageDir::create(&self.store).map_err(|e| e.to_string())?;
         let key = *link.bulk_key();
         match link.recv() {
             Ok((protocol::IMAGES, _)) => {
                 let raw = link.raw_mut().map_err(|e| e.to_string())?;
-                transfer::unpack(raw, images.path(), &key).map_err(|e| e.to_string())?;
+                transfer::unpack_limited(raw, images.path(), &key, limit).map_err(|e| e.to_string())?;
                 Ok(images)
             }
             Ok((kind, _)) => Err(format!("expected images, got message {kind}")),
