@@ -565,36 +565,59 @@ impl Daemon {
         self.serve_control()
     }
 
+    /// Serves the control socket. Every local user may connect, so what one user can hold is bounded by
+    /// `crate::limits` (per uid, from `SO_PEERCRED`): a thread is given only to connections within the
+    /// user's limit; the rest wait without one or are refused in words.
     fn serve_control(self: &Arc<Self>) -> Result<(), StartError> {
         let path = self.settings.config.migd.socket.clone();
         let listen = |source| StartError::Listen { what: path.display().to_string(), source };
         // Everyone may connect; what they may do is decided per request from their credentials.
         let listener = rmosix_common::node::bind_local_socket(&path).map_err(listen)?;
-        info!(node = %self.me(), socket = %path.display(), "migd control socket ready");
+        let limits = crate::limits::Limits::new(self.settings.config.migd.requests_per_user);
+        let daemon = Arc::clone(self);
+        let gate = crate::limits::Gate::new(limits, move |stream, ticket: crate::limits::Ticket<UnixStream>| {
+            let daemon = Arc::clone(&daemon);
+            let uid = ticket.uid();
+            let serve = std::thread::Builder::new().name("control".into()).spawn(move || daemon.serve_client(stream, ticket));
+            if let Err(e) = serve {
+                warn!(uid, error = %e, "cannot start a thread for a control connection; closing it");
+            }
+        });
+        gate.watch().map_err(listen)?;
+        info!(node = %self.me(), socket = %path.display(), per_user = limits.per_user, "migd control socket ready");
         for stream in listener.incoming() {
-            match stream {
-                Ok(stream) => {
-                    let daemon = Arc::clone(self);
-                    std::thread::spawn(move || daemon.serve_client(stream));
-                }
+            match stream.and_then(|stream| peer(&stream).map(|peer| (stream, peer))) {
+                Ok((stream, peer)) => gate.arrive(peer.uid, stream),
                 Err(e) => warn!(error = %e, "accept on the control socket failed"),
             }
         }
         Ok(())
     }
 
-    fn serve_client(self: Arc<Self>, mut stream: UnixStream) {
+    /// One control connection: its first request, then a job's session or one answer. `ticket` counts the
+    /// connection against its user until the request turns out to be a job's session, or is answered.
+    fn serve_client(self: Arc<Self>, mut stream: UnixStream, ticket: crate::limits::Ticket<UnixStream>) {
+        use crate::limits::Connection as _;
         let Ok(peer) = peer(&stream) else { return };
         let (request, fds) = match control::recv_with_fds::<Request>(&mut stream) {
             Ok(r) => r,
-            Err(ControlError::Closed) => return,
             Err(e) => {
-                refuse(&mut stream, Refusal::BadRequest, e.to_string());
+                match (ticket.expired(), e) {
+                    (Some(why), _) => {
+                        info!(uid = peer.uid, pid = peer.pid, "control connection sent no request in time; closed");
+                        stream.refuse(&why);
+                    }
+                    (None, ControlError::Closed) => {}
+                    (None, e) => refuse(&mut stream, Refusal::BadRequest, e.to_string()),
+                }
                 return;
             }
         };
+        ticket.request_read();
         match request {
             Request::Run(run) => {
+                // A job's session lasts as long as the job: it does not count against its user.
+                drop(ticket);
                 self.run(stream, peer, run, fds);
             }
             Request::Migrate { home_pid, target } => {
@@ -604,7 +627,10 @@ impl Daemon {
                 };
                 let _ = control::send(&mut stream, &response);
             }
-            Request::Reattach => self.reattach(stream, peer, fds),
+            Request::Reattach => {
+                drop(ticket);
+                self.reattach(stream, peer, fds);
+            }
             Request::Guests => {
                 let me = self.me().0;
                 let count = self.runners.lock().expect("runners").keys().filter(|(home, _)| *home != me).count();
