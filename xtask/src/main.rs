@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask setup | test | demo | cluster ... | bench ...`.
+//! Project automation: `cargo xtask setup | test | demo | cluster ... | bench ... | fuzz`.
 //!
 //! Exit status: 0 on success, 1 on any failure (the error is printed), and for `cluster exec` the status
 //! of the command run on the node.
@@ -10,6 +10,7 @@ mod bench_migrate;
 mod benchmarks;
 mod criu;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,8 @@ enum Cmd {
         #[command(subcommand)]
         bench: Bench,
     },
+    /// Long libFuzzer runs of the fuzz targets (nightly), one at a time; updates RELIABILITY.md.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,6 +222,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { bench: Bench::Infod(args) } => bench_infod::run(&args),
         Cmd::Bench { bench: Bench::Checkpoint(args) } => bench_checkpoint::run(&args),
         Cmd::Bench { bench: Bench::Migrate(args) } => bench_migrate::run(&args),
+        Cmd::Fuzz(args) => fuzz::run(&args),
     }
 }
 
