@@ -61,3 +61,52 @@ fn an_image_set_larger_than_the_destination_takes_is_refused_before_it_is_sent()
     let expected: String = (0..100).map(|i| format!("{i}\n")).collect();
     assert_eq!(lines.finish(), expected);
 }
+
+/// Opens a job link to node 1's migd from node `from`'s namespace, with the real cluster key, claiming to
+/// run job `home_pid` at generation `epoch`; returns home's answer (frame kind and payload).
+fn attach_as(c: &Cluster, from: u32, home_pid: i32, epoch: u32) -> (u8, Vec<u8>) {
+    use rmosix_migd::channel::blocking::Channel;
+    use rmosix_migd::protocol::{ATTACH, Attach};
+    let key = rmosix_common::key::ClusterKey::load(&c.key_path()).unwrap();
+    let ns = std::fs::File::open(std::path::Path::new("/run/netns").join(c.netns(from))).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let stream = std::net::TcpStream::connect(("10.213.0.1", rmosix_testcluster::MIGD_PORT)).unwrap();
+        let mut link = Channel::client_tcp(stream, &key, from).unwrap();
+        link.send_json(ATTACH, &Attach { home_pid, pid: 4242, epoch, frozen: None }).unwrap();
+        link.recv().unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_job_link_from_a_node_or_generation_the_record_does_not_name_is_refused() {
+    use rmosix_migd::protocol::REFUSED;
+    let c = Cluster::up(Spec::new("attach", 3, bin_dir_of_current_test())).unwrap();
+    let u = test_user().unwrap();
+    let mut child = c
+        .command_as(1, &u, "mosrun")
+        .unwrap()
+        .args(["-N", "2", "/usr/bin/python3", "-c", HOLDER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(child.id()).unwrap();
+    let lines = Lines::of(&mut child);
+    lines.wait_for(5);
+    let [_] = c.processes(2, "python3")[..] else { panic!("the job runs on node 2") };
+    // Node 3 holds the cluster key, but home's record names node 2, generation 1.
+    let (kind, why) = attach_as(&c, 3, pid, 1);
+    assert_eq!(kind, REFUSED, "{}", String::from_utf8_lossy(&why));
+    assert!(String::from_utf8_lossy(&why).contains("not at node 3 generation 1"), "{}", String::from_utf8_lossy(&why));
+    // Node 2 itself, for a generation that does not exist.
+    let (kind, _) = attach_as(&c, 2, pid, 7);
+    assert_eq!(kind, REFUSED);
+    // The job's real link is untouched: its output still arrives, whole, and its status.
+    drop(child.stdin.take());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let expected: String = (0..100).map(|i| format!("{i}\n")).collect();
+    assert_eq!(lines.finish(), expected);
+}
