@@ -146,7 +146,7 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
          of a local 2-node cluster is checked for migratability and dumped through CRIU's RPC into a private \
          directory of the image store ({DEFAULT_STORE}, a tmpfs with transparent huge pages that migd mounts) \
          (left frozen), packed and streamed over TCP from node 1's network namespace to \
-         node 2's (with a keyed BLAKE3 MAC over the stream), unpacked and verified there, and restored through the RPC in node 2's namespace and cgroups; \
+         node 2's (encrypted and authenticated with AES-256-GCM), unpacked and verified there, and restored through the RPC in node 2's namespace and cgroups; \
          then the frozen original is killed. *Frozen* is the time from the start of the dump until the restore \
          returns with the job running on node 2. After each move the job runs to its end and its output is \
          checked against an unmoved run.\n\n\
