@@ -440,12 +440,20 @@ mod tests {
         assert!(scratch.path().exists());
     }
 
+    /// A directory someone else removed counts as removed: no error from `remove`, and so no warning from
+    /// `drop`, which removes the same way.
     #[test]
     fn drop_after_external_removal_is_quiet() {
         let scratch = tempfile::tempdir().unwrap();
         let dir = ImageDir::create(scratch.path()).unwrap();
         fs::remove_dir(dir.path()).unwrap();
+        dir.remove().unwrap();
+        let dir = ImageDir::create(scratch.path()).unwrap();
+        let path = dir.path().to_owned();
+        fs::remove_dir(&path).unwrap();
+        remove_tree(&path).unwrap();
         drop(dir);
+        assert!(!path.exists());
     }
 
     #[test]

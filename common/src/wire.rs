@@ -239,7 +239,16 @@ mod tests {
             for bit in 0..8 {
                 let mut b = bytes.clone();
                 b[i] ^= 1 << bit;
-                assert!(decode(&key(), &b).is_err(), "flip of byte {i} bit {bit} accepted");
+                // Each part of the header has its own check; the reserved byte, payload and MAC the MAC's.
+                let expected = match i {
+                    0..4 => "magic",
+                    4..6 => "version",
+                    6 => "kind",
+                    8..12 => "length",
+                    _ => "mac",
+                };
+                let reason = decode(&key(), &b).map_or_else(|e| e.reason(), |_| "none");
+                assert_eq!(reason, expected, "flip of byte {i} bit {bit}");
             }
         }
     }
@@ -248,7 +257,13 @@ mod tests {
     fn truncations_are_refused() {
         let bytes = encode(&key(), &message()).unwrap();
         for cut in 0..bytes.len() {
-            assert!(decode(&key(), &bytes[..cut]).is_err());
+            let err = decode(&key(), &bytes[..cut]).unwrap_err();
+            if cut < HEADER_LEN + MAC_LEN {
+                assert_eq!(err, DecodeError::TooShort { len: cut });
+            } else {
+                let declared = bytes.len() - HEADER_LEN - MAC_LEN;
+                assert_eq!(err, DecodeError::LengthMismatch { declared, actual: cut - HEADER_LEN - MAC_LEN });
+            }
         }
     }
 
@@ -261,7 +276,10 @@ mod tests {
 
     #[test]
     fn validly_signed_garbage_is_refused_without_panicking() {
-        // A node holding the key but sending nonsense: the MAC passes, the payload checker must hold.
+        // A node holding the key but sending nonsense: the MAC passes, the payload checker must hold. A few
+        // changed bytes may still make a well-formed message (a changed load, say), which must then be sane;
+        // everything else is refused as malformed or insane.
+        let (mut refused, mut accepted) = (0, 0);
         let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed);
         let good = encode(&key(), &message()).unwrap();
         let payload_len = good.len() - HEADER_LEN - MAC_LEN;
@@ -285,8 +303,19 @@ mod tests {
             let mut m = mac(&key());
             m.update(&bytes);
             bytes.extend_from_slice(&m.finalize().into_bytes());
-            let _ = decode(&key(), &bytes);
+            match decode(&key(), &bytes) {
+                Ok(msg) => {
+                    assert!(round % 2 == 0, "random bytes decoded as {msg:?}");
+                    assert!(msg.own.is_sane() && msg.own.node == msg.sender && msg.entries.len() <= MAX_ENTRIES, "{msg:?}");
+                    assert!(msg.entries.iter().all(|e| e.vector.is_sane()), "{msg:?}");
+                    accepted += 1;
+                }
+                Err(DecodeError::Malformed(_) | DecodeError::Insane) => refused += 1,
+                Err(e) => panic!("round {round}: refused before the payload: {e}"),
+            }
         }
+        assert_eq!(accepted + refused, 20_000);
+        assert!(refused > 10_000, "only {refused} refused, {accepted} accepted");
     }
 
     #[test]

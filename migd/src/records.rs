@@ -646,6 +646,16 @@ mod tests {
 
     use super::*;
 
+    /// Waits until the wall clock, in the whole milliseconds records keep, is past `time`: a write after
+    /// this stamps a later time than one before.
+    fn clock_passes(time: SystemTime) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while whole_millis(SystemTime::now()) <= time {
+            assert!(std::time::Instant::now() < deadline, "the wall clock did not pass {time:?}");
+            std::thread::yield_now();
+        }
+    }
+
     fn record(home_pid: i32) -> JobRecord {
         JobRecord {
             home_pid,
@@ -712,7 +722,7 @@ mod tests {
         let store = RecordStore::open(scratch.path()).unwrap();
         store.insert(record(10)).unwrap();
         let stamped = store.get(10).unwrap().updated_at;
-        std::thread::sleep(Duration::from_millis(2));
+        clock_passes(stamped);
         let migrations = store
             .update(10, |r| {
                 r.node = NodeId(4);
@@ -735,7 +745,7 @@ mod tests {
         let store = RecordStore::open(scratch.path()).unwrap();
         store.insert(record(10)).unwrap();
         let before = store.get(10).unwrap();
-        std::thread::sleep(Duration::from_millis(2));
+        clock_passes(before.updated_at);
         let declined = store.update(10, |r| r.state.has_ended()).unwrap();
         assert!(!declined);
         assert_eq!(store.get(10).unwrap(), before, "updated_at is not bumped for no change");
@@ -996,7 +1006,10 @@ mod tests {
     fn times_before_the_epoch_or_beyond_range_do_not_panic() {
         assert_eq!(to_millis(UNIX_EPOCH - Duration::from_secs(5)), 0);
         let huge = r#"{"format_version":1,"record":{"home_pid":1,"uid":0,"gid":0,"command":[],"cwd":"/","node":1,"node_pid":2,"state":{"kind":"running"},"migrations":0,"started_at_ms":18446744073709551615,"updated_at_ms":0}}"#;
-        // Either representable or a decode error; never a panic.
-        let _ = serde_json::from_str::<OnDisk>(huge);
+        // Either representable, and then kept exactly, or a decode error naming the time; never a panic.
+        match serde_json::from_str::<OnDisk>(huge) {
+            Ok(on_disk) => assert_eq!(to_millis(on_disk.record.started_at), u64::MAX),
+            Err(e) => assert!(e.to_string().contains("time 18446744073709551615 ms after the epoch is out of range"), "{e}"),
+        }
     }
 }
