@@ -23,11 +23,45 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use rmosix_common::cgroup::{self, Cgroup, CgroupPath, Controller, Hierarchy};
+use rmosix_common::control;
 use rmosix_common::key::ClusterKey;
 use rmosix_common::query::{self, ClusterView, Request, Response};
 
 pub mod netfault;
 pub mod user;
+
+/// How long a test waits for something that should happen in seconds before it gives up and fails. It is
+/// no measure of speed: on a loaded machine (two cores, several clusters of parallel tests) things happen
+/// late but still happen, and this only keeps a broken run from hanging.
+pub const PATIENCE: Duration = Duration::from_mins(2);
+
+/// Waits until `done` holds, looking every 20 ms, and panics naming `what` when it does not within
+/// `timeout`. Tests wait for the condition they need, never a fixed time: a fixed sleep is too short on a
+/// loaded machine and hides nothing on an idle one.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    wait_until_some(what, timeout, || done().then_some(()));
+}
+
+/// Waits until `found` returns something, looking every 20 ms, and returns it; panics naming `what` when
+/// nothing comes within `timeout`.
+pub fn wait_until_some<T>(what: &str, timeout: Duration, mut found: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = found() {
+            return value;
+        }
+        assert!(start.elapsed() < timeout, "waited {timeout:?} for {what}, in vain");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The number of threads of process `pid`, from `/proc/PID/status`.
+pub fn threads_of(pid: i32) -> anyhow::Result<usize> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Threads:")).with_context(|| format!("no Threads: in {path}"))?;
+    line.trim().parse().with_context(|| format!("bad Threads: line {line:?} in {path}"))
+}
 
 /// Where cluster state lives.
 pub const STATE_ROOT: &str = "/run/rmosix-cluster";
@@ -416,6 +450,46 @@ impl Cluster {
         self.node_dir(i).join("migd.sock")
     }
 
+    /// Sends one request to node `i`'s migd and returns its answer, asked as root or, with `user` (uid and
+    /// gid, no supplementary groups), as that user: migd decides what a caller may do from the credentials
+    /// it reads from the socket. A thread of its own takes them for this one connection (Linux keeps
+    /// credentials per thread, and the raw system calls, unlike libc's wrappers, change only the calling
+    /// thread), so the test process stays root. Tests use it to see a refusal's kind, which the `migrate`
+    /// tool turns into words.
+    pub fn ask_migd(&self, i: u32, user: Option<(u32, u32)>, request: &control::Request) -> anyhow::Result<control::Response> {
+        let socket = self.migd_socket(i);
+        let request = request.clone();
+        let asking = std::thread::spawn(move || -> anyhow::Result<control::Response> {
+            if let Some((uid, gid)) = user {
+                let (uid, gid) = (libc::c_long::from(uid), libc::c_long::from(gid));
+                // SAFETY: system calls that change only this thread's credentials; the thread ends after
+                // this one connection.
+                unsafe {
+                    ensure!(
+                        libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) == 0,
+                        "cannot drop the supplementary groups: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    ensure!(
+                        libc::syscall(libc::SYS_setresgid, gid, gid, gid) == 0,
+                        "cannot become gid {gid}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    ensure!(
+                        libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0,
+                        "cannot become uid {uid}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+            }
+            let mut stream = std::os::unix::net::UnixStream::connect(&socket)
+                .with_context(|| format!("cannot reach migd at {}", socket.display()))?;
+            control::send(&mut stream, &request).with_context(|| format!("cannot send {request:?} to migd"))?;
+            control::recv(&mut stream).with_context(|| format!("no answer from migd to {request:?}"))
+        });
+        asking.join().map_err(|_| anyhow::anyhow!("the thread asking migd on node {i} panicked"))?
+    }
+
     /// Host PID of a daemon (`infod`, `migd`) of node `i`.
     pub fn daemon_pid(&self, i: u32, daemon: &str) -> anyhow::Result<i32> {
         Ok(std::fs::read_to_string(self.pid_file(i, daemon))?.trim().parse()?)
@@ -431,7 +505,9 @@ impl Cluster {
         cmd.process_group(0);
         let mut child = cmd.spawn().with_context(|| format!("cannot start {daemon} on node {i}"))?;
         std::fs::write(self.pid_file(i, daemon), child.id().to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // A daemon that dies says so at once (below); one that is slow to answer on a loaded machine is
+        // given time.
+        let deadline = Instant::now() + Duration::from_mins(1);
         loop {
             if ready() {
                 // Not waited for here: a test that stops the daemon reaps it through `kill_daemon`, and a

@@ -9,8 +9,8 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash as _, Hasher as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Instant;
 
 use anyhow::{Context as _, ensure};
 
@@ -136,40 +136,80 @@ impl Cluster {
     }
 }
 
-/// The lines a child prints on its stdout, collected by a thread as they come.
+/// The lines a child prints on its stdout, collected by a thread as they come. Tests wait on it for what
+/// they need (so many lines, or the end of the output), never for a fixed time.
 #[derive(Debug, Clone)]
-pub struct Lines(Arc<Mutex<Vec<String>>>);
+pub struct Lines(Arc<(Mutex<Collected>, Condvar)>);
+
+#[derive(Debug, Default)]
+struct Collected {
+    lines: Vec<String>,
+    /// The reader saw the end of the output: every holder of the pipe's write end closed it.
+    ended: bool,
+}
 
 impl Lines {
     /// Starts collecting `child`'s stdout (which must be piped).
     pub fn of(child: &mut std::process::Child) -> Self {
-        let lines = Arc::new(Mutex::new(Vec::new()));
+        let shared = Arc::new((Mutex::new(Collected::default()), Condvar::new()));
         let out = std::io::BufReader::new(child.stdout.take().expect("stdout piped"));
-        let sink = Arc::clone(&lines);
+        let sink = Arc::clone(&shared);
         std::thread::spawn(move || {
+            let (collected, changed) = &*sink;
             for line in std::io::BufRead::lines(out).map_while(Result::ok) {
-                sink.lock().expect("lines").push(line);
+                collected.lock().expect("lines").lines.push(line);
+                changed.notify_all();
             }
+            collected.lock().expect("lines").ended = true;
+            changed.notify_all();
         });
-        Self(lines)
+        Self(shared)
     }
 
     /// How many lines so far.
     pub fn count(&self) -> usize {
-        self.0.lock().expect("lines").len()
+        self.0.0.lock().expect("lines").lines.len()
     }
 
-    /// Waits (up to a minute) until there are at least `n` lines; panics if they do not come.
-    pub fn wait_for(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_mins(1);
-        while self.count() < n {
-            assert!(Instant::now() < deadline, "the job stopped printing at {} lines", self.count());
-            std::thread::sleep(Duration::from_millis(20));
+    /// Waits until `done` holds for what was collected, panicking with `what` if it does not within
+    /// [`crate::PATIENCE`] or the output ends first.
+    fn wait(&self, what: &str, done: impl Fn(&Collected) -> bool) {
+        let (collected, changed) = &*self.0;
+        let deadline = Instant::now() + crate::PATIENCE;
+        let mut guard = collected.lock().expect("lines");
+        while !done(&guard) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !guard.ended && !left.is_zero(),
+                "waited for {what}; the output {} after {} lines, the last: {:?}",
+                if guard.ended { "ended" } else { "stalled" },
+                guard.lines.len(),
+                guard.lines.last()
+            );
+            guard = changed.wait_timeout(guard, left).expect("lines").0;
         }
+    }
+
+    /// Waits until there are at least `n` lines; panics if they do not come.
+    pub fn wait_for(&self, n: usize) {
+        self.wait(&format!("{n} lines"), |c| c.lines.len() >= n);
+    }
+
+    /// Waits until the output has ended (the child and whatever else held its stdout closed it) and
+    /// returns all of it, each line ending in a newline. A test reads the whole output only after this:
+    /// the lines its child printed last may still be on their way when the child has exited.
+    pub fn finish(&self) -> String {
+        self.wait("the end of the output", |c| c.ended);
+        self.text()
     }
 
     /// Every line so far, each ending in a newline.
     pub fn text(&self) -> String {
-        self.0.lock().expect("lines").iter().flat_map(|l| [l.as_str(), "\n"]).collect()
+        self.0.0.lock().expect("lines").lines.iter().flat_map(|l| [l.as_str(), "\n"]).collect()
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.0.lock().expect("lines").lines.clone()
     }
 }

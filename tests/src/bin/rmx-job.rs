@@ -4,7 +4,8 @@
 //!
 //! Modes:
 //! - `spin STEPS WORK`: CPU-bound loop.
-//! - `threads N STEPS WORK`: N threads computing in lock step.
+//! - `threads N STEPS WORK`: N long-lived threads computing in lock step (the process has N + 1 threads
+//!   throughout).
 //! - `files IN OUT STEPS WORK`: reads IN bit by bit and writes OUT as it goes (file offsets must survive).
 //! - `fork STEPS WORK`: a child computes, the parent prints what the child sends through a pipe.
 //! - `tcp STEPS WORK`: like spin while holding a listening TCP socket.
@@ -12,6 +13,7 @@
 //! - `echo`: copies stdin to stdout line by line, then prints a checksum of what it read.
 
 use std::io::{BufRead as _, Read as _, Seek as _, Write as _};
+use std::sync::mpsc;
 
 fn mix(mut x: u64, work: u64) -> u64 {
     for _ in 0..work {
@@ -61,16 +63,31 @@ fn main() {
         }
         Some("threads") => {
             let (n, steps, work) = (arg(&args, 1, "N"), arg(&args, 2, "STEPS"), arg(&args, 3, "WORK"));
+            // One long-lived worker per value, fed in lock step: from before the first line to after the
+            // last, the process has N + 1 threads, so a dump at any moment sees a multi-threaded process.
+            let workers: Vec<(mpsc::Sender<u64>, mpsc::Receiver<u64>)> = (0..n)
+                .map(|_| {
+                    let (to_worker, inbox) = mpsc::channel::<u64>();
+                    let (outbox, from_worker) = mpsc::channel();
+                    std::thread::spawn(move || {
+                        for x in inbox {
+                            if outbox.send(mix(x, work)).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    (to_worker, from_worker)
+                })
+                .collect();
             let mut state: Vec<u64> = (1..=n).collect();
             for i in 0..steps {
-                state = std::thread::scope(|s| {
-                    let handles: Vec<_> = state.iter().map(|&x| s.spawn(move || mix(x ^ i, work))).collect();
-                    handles.into_iter().map(|h| h.join().expect("worker")).collect()
-                });
+                for ((to_worker, _), &x) in workers.iter().zip(&state) {
+                    to_worker.send(x ^ i).expect("worker");
+                }
+                state = workers.iter().map(|(_, from_worker)| from_worker.recv().expect("worker")).collect();
                 let sum = state.iter().fold(0u64, |a, &b| a.rotate_left(5) ^ b);
                 line(&mut out, &format!("step {i} {sum:016x}"));
             }
-            // Long-lived threads too, so a dump sees a multi-threaded process at any moment.
             let sum = state.iter().fold(0u64, |a, &b| a.rotate_left(5) ^ b);
             line(&mut out, &format!("done {sum:016x}"));
         }
