@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd as _;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::unistd::Pid;
 use rmosix_common::NodeId;
@@ -15,6 +15,7 @@ use rmosix_common::cgroup::{
     CONTROLLERS, Cgroup, CgroupError, CgroupPath, Hierarchy, JOB_PREFIX, JobCgroups, ProcessCgroups, REQUIRED,
     Version,
 };
+use rmosix_testcluster::{PATIENCE, wait_until};
 
 fn require_root() {
     assert!(
@@ -74,14 +75,6 @@ fn pid_of(child: &Child) -> Pid {
     Pid::from_raw(i32::try_from(child.id()).unwrap())
 }
 
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < Duration::from_secs(10), "{what}: not within 10 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The unified hierarchy's mount point, whatever the layout.
 fn unified_mount() -> PathBuf {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -115,7 +108,7 @@ fn job_life(h: &Hierarchy, what: &str, has_memory: bool) {
 
     let mut busy = spawn_in(job.cgroup(), "while :; do :; done");
     let pid = pid_of(&busy);
-    wait_until("the job uses CPU time", || job.cpu_time().unwrap() > Duration::from_millis(100));
+    wait_until("the job to use CPU time", PATIENCE, || job.cpu_time().unwrap() > Duration::from_millis(100));
     assert_eq!(job.procs().unwrap(), [pid]);
     assert!(job.cgroup().threads().unwrap().contains(&pid));
     // The parent's lists cover its children.

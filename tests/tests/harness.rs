@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use rmosix_common::cgroup::{CONTROLLERS, CgroupPath, Hierarchy, ProcessCgroups};
-use rmosix_testcluster::{Cluster, Spec, bin_dir_of_current_test};
+use rmosix_testcluster::{Cluster, PATIENCE, Spec, bin_dir_of_current_test, wait_until};
 
 fn leftovers(name: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -41,16 +41,14 @@ fn up_after_a_crash_works_and_down_leaves_nothing() {
     std::fs::remove_dir_all(Path::new("/run/rmosix-cluster").join(name)).unwrap();
 
     let second = Cluster::up(Spec::new(name, 3, bin_dir_of_current_test())).unwrap();
-    // Killed, and reaped either here or by the clean-up (which reaps what it kills when it can).
-    let gone = match job.try_wait() {
+    // Killed: the clean-up waits until the old cluster's cgroups are empty, which a dying process leaves
+    // a moment before it is a zombie to reap (here, or by the clean-up, which reaps what it kills when it
+    // can).
+    wait_until("the old cluster's job to be killed", PATIENCE, || match job.try_wait() {
         Ok(status) => status.is_some(),
         Err(e) => e.raw_os_error() == Some(libc::ECHILD),
-    };
-    assert!(gone, "the old cluster's job was not killed");
-    second.wait_for(std::time::Duration::from_secs(10), "all up", |_, v| {
-        v.nodes.len() == 3 && v.nodes.iter().all(|n| n.alive)
-    })
-    .unwrap();
+    });
+    second.wait_for(PATIENCE, "all up", |_, v| v.nodes.len() == 3 && v.nodes.iter().all(|n| n.alive)).unwrap();
     drop(second);
     assert_eq!(leftovers(name), Vec::<String>::new());
 }

@@ -12,7 +12,7 @@ use rmosix_common::key::ClusterKey;
 use rmosix_common::load::LoadVector;
 use rmosix_common::query::ClusterView;
 use rmosix_common::wire::{self, Entry, Gossip};
-use rmosix_testcluster::{Cluster, INFOD_PORT, Spec, bin_dir_of_current_test};
+use rmosix_testcluster::{Cluster, INFOD_PORT, PATIENCE, Spec, bin_dir_of_current_test, wait_until};
 
 fn cluster(name: &str, nodes: u32) -> Cluster {
     Cluster::up(Spec::new(name, nodes, bin_dir_of_current_test()))
@@ -23,15 +23,14 @@ fn load_of(view: &ClusterView, node: u32) -> Option<f64> {
     view.nodes.iter().find(|n| n.id == node).and_then(|n| n.load)
 }
 
-fn alive(view: &ClusterView, node: u32) -> bool {
-    view.nodes.iter().any(|n| n.id == node && n.alive)
-}
-
+/// How fast news spreads, in rounds, is the engine's to show (`a_small_cluster_converges_within_five_intervals`,
+/// and `cargo xtask bench gossip`): here, on a machine other tests load too, the real daemons must get there,
+/// and the time it took is printed.
 #[test]
-fn every_node_learns_every_other_nodes_load_within_5_s() {
+fn every_node_learns_every_other_nodes_load() {
     let c = cluster("learn", 4);
     let took = c
-        .wait_for(Duration::from_secs(5), "every node knows every node", |_, view| {
+        .wait_for(PATIENCE, "every node knows every node", |_, view| {
             view.nodes.len() == 4 && view.nodes.iter().all(|n| n.alive && n.load.is_some() && n.cpus.is_some())
         })
         .unwrap();
@@ -49,10 +48,11 @@ fn every_node_learns_every_other_nodes_load_within_5_s() {
 #[test]
 fn a_cpu_hog_on_node_2_raises_its_load_as_seen_from_node_4() {
     let c = cluster("hog", 4);
-    c.wait_for(Duration::from_secs(10), "node 4 knows node 2", |i, v| i != 4 || load_of(v, 2).is_some())
-        .unwrap();
-    let before = load_of(&c.view(4).unwrap(), 2).unwrap();
-    assert!(before < 0.5, "idle node 2 shows load {before}");
+    // Starting daemons is work too: begin once node 4 sees every node idle.
+    c.wait_for(PATIENCE, "node 4 sees every node idle", |i, v| {
+        i != 4 || c.node_ids().all(|n| load_of(v, n).is_some_and(|l| l < 0.5))
+    })
+    .unwrap();
 
     let mut hog = c
         .command(2, "sh")
@@ -62,7 +62,7 @@ fn a_cpu_hog_on_node_2_raises_its_load_as_seen_from_node_4() {
         .spawn()
         .unwrap();
     let took = c
-        .wait_for(Duration::from_secs(20), "node 4 sees node 2 busy", |i, v| {
+        .wait_for(PATIENCE, "node 4 sees node 2 busy", |i, v| {
             i != 4 || load_of(v, 2).is_some_and(|l| l > 0.8)
         })
         .unwrap();
@@ -82,7 +82,7 @@ fn a_cpu_hog_on_node_2_raises_its_load_as_seen_from_node_4() {
     hog.kill().unwrap();
     hog.wait().unwrap();
     // And the load comes down again, slowly but surely.
-    c.wait_for(Duration::from_secs(30), "node 2 idle again", |i, v| {
+    c.wait_for(PATIENCE, "node 2 idle again", |i, v| {
         i != 4 || load_of(v, 2).is_some_and(|l| l < 0.3)
     })
     .unwrap();
@@ -91,18 +91,21 @@ fn a_cpu_hog_on_node_2_raises_its_load_as_seen_from_node_4() {
 #[test]
 fn a_dead_infod_is_marked_down_everywhere_and_comes_back() {
     let c = cluster("down", 4);
-    c.wait_for(Duration::from_secs(10), "all up", |_, v| v.nodes.iter().all(|n| n.alive)).unwrap();
+    c.wait_for(PATIENCE, "all up", |_, v| v.nodes.iter().all(|n| n.alive)).unwrap();
     c.kill_infod(3).unwrap();
     let start = Instant::now();
-    // down_after_ms is 10 s; allow for the last relayed news of node 3 and the polling.
-    c.wait_for_nodes(&[1, 2, 4], Duration::from_secs(15), "node 3 down everywhere", |_, v| !alive(v, 3)).unwrap();
+    // A node is marked down for having been silent down_after_ms (10 s), measured on the age of its
+    // newest news, never forgotten earlier: every view that shows node 3 down still knows it, and old.
+    c.wait_for_nodes(&[1, 2, 4], PATIENCE, "node 3 down everywhere", |i, v| {
+        let three = v.nodes.iter().find(|n| n.id == 3).unwrap();
+        assert!(three.alive || three.age_ms.is_some_and(|age| age >= 10_000), "node {i} marked node 3 down early: {three:?}");
+        !three.alive
+    })
+    .unwrap();
     eprintln!("node 3 down everywhere after {:?}", start.elapsed());
-    assert!(start.elapsed() >= Duration::from_secs(8), "marked down before the timeout");
 
     c.start_infod(3).unwrap();
-    let took = c
-        .wait_for(Duration::from_secs(10), "node 3 back", |_, v| v.nodes.iter().all(|n| n.alive))
-        .unwrap();
+    let took = c.wait_for(PATIENCE, "node 3 back", |_, v| v.nodes.iter().all(|n| n.alive)).unwrap();
     eprintln!("node 3 back everywhere after {took:?}");
 }
 
@@ -129,7 +132,7 @@ fn capture_from_node_1(c: &Cluster) -> (Ipv4Addr, Vec<u8>) {
         )
     };
     assert_eq!(rc, 0, "bind packet socket: {}", std::io::Error::last_os_error());
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_mins(1);
     let mut buf = vec![0u8; 65536];
     while Instant::now() < deadline {
         let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
@@ -153,7 +156,7 @@ fn capture_from_node_1(c: &Cluster) -> (Ipv4Addr, Vec<u8>) {
             return (dst, udp[8..].to_vec());
         }
     }
-    panic!("no datagram from node 1 seen on {host_if} within 10 s");
+    panic!("no datagram from node 1 seen on {host_if} within a minute");
 }
 
 /// Runs `f` on a thread that has entered the network namespace `netns`.
@@ -190,7 +193,7 @@ fn now_ms() -> u64 {
 #[test]
 fn forged_replayed_and_stranger_datagrams_change_nothing() {
     let mut c = cluster("forge", 4);
-    c.wait_for(Duration::from_secs(10), "all up", |_, v| v.nodes.iter().all(|n| n.alive)).unwrap();
+    c.wait_for(PATIENCE, "all up", |_, v| v.nodes.iter().all(|n| n.alive)).unwrap();
     let key = ClusterKey::load(&c.key_path()).unwrap();
     let wrong_key = ClusterKey::from_bytes(b"not the cluster key, but as long");
     // A tempting lie: node 1 claims to be an idle 64-CPU giant, and relays news of a node 99.
@@ -224,30 +227,31 @@ fn forged_replayed_and_stranger_datagrams_change_nothing() {
             }
         });
     }
-    // A real datagram of node 1, captured on the wire and sent again from node 1's own address.
+    // A real datagram of node 1, captured on the wire (so already on its way to its receiver, ahead of
+    // any copy) and sent again from node 1's own address.
     let (replay_to, replayed) = capture_from_node_1(&c);
-    std::thread::sleep(Duration::from_millis(300));
     in_netns(&c.netns(1), move || {
         let socket = UdpSocket::bind((Ipv4Addr::new(10, 213, 0, 1), 0)).unwrap();
         for _ in 0..3 {
             socket.send_to(&replayed, (replay_to, INFOD_PORT)).unwrap();
         }
     });
-    std::thread::sleep(Duration::from_millis(500));
 
+    // Every node drops and counts what it was sent: wrong key: mac; node 1's id from the outsider's
+    // address: unknown_sender (from_self at node 1); node 99: unknown_sender; truncated: length; garbage:
+    // whichever check it fails first; and the replays, at their receiver.
+    c.wait_for(PATIENCE, "every node to count the forged datagrams as dropped", |i, v| {
+        let dropped = &v.counters.dropped;
+        let count = |reason: &str| dropped.get(reason).copied().unwrap_or(0);
+        count("mac") >= 1
+            && count("unknown_sender") + count("from_self") >= 2
+            && count("length") >= 1
+            && dropped.values().sum::<u64>() >= 5
+            && (c.addr(i) != replay_to || count("replay") >= 3)
+    })
+    .unwrap();
     for i in c.node_ids() {
         let after = c.view(i).unwrap();
-        let dropped = &after.counters.dropped;
-        let count = |reason: &str| dropped.get(reason).copied().unwrap_or(0);
-        // wrong key: mac; node 1's id from the outsider's address: unknown_sender (from_self at node 1);
-        // node 99: unknown_sender; truncated: length; garbage: whichever check it fails first.
-        assert!(count("mac") >= 1, "node {i}: {dropped:?}");
-        assert!(count("unknown_sender") + count("from_self") >= 2, "node {i}: {dropped:?}");
-        assert!(count("length") >= 1, "node {i}: {dropped:?}");
-        assert!(dropped.values().sum::<u64>() >= 5, "node {i}: {dropped:?}");
-        if c.addr(i) == replay_to {
-            assert!(count("replay") >= 3, "node {i} received the replays: {dropped:?}");
-        }
         let prev = &before[usize::try_from(i - 1).unwrap()];
         assert_eq!(after.nodes.len(), prev.nodes.len());
         for n in &after.nodes {
@@ -258,14 +262,13 @@ fn forged_replayed_and_stranger_datagrams_change_nothing() {
         assert!(after.nodes.iter().all(|n| n.id != 99));
     }
     // Still a working cluster afterwards.
-    c.wait_for(Duration::from_secs(5), "all fresh", |_, v| v.nodes.iter().all(|n| n.age_ms.unwrap() < 4000))
-        .unwrap();
+    c.wait_for(PATIENCE, "all fresh", |_, v| v.nodes.iter().all(|n| n.age_ms.unwrap() < 4000)).unwrap();
 }
 
 #[test]
 fn mosctl_status_shows_the_cluster_and_a_bad_map_reload_keeps_the_old_map() {
     let c = cluster("status", 3);
-    c.wait_for(Duration::from_secs(10), "all up", |_, v| v.nodes.iter().all(|n| n.alive)).unwrap();
+    c.wait_for(PATIENCE, "all up", |_, v| v.nodes.iter().all(|n| n.alive)).unwrap();
 
     let out = c.command(2, "mosctl").unwrap().args(["status", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -301,19 +304,24 @@ fn mosctl_status_shows_the_cluster_and_a_bad_map_reload_keeps_the_old_map() {
     assert!(err.contains(&format!("{}:5: address 10.213.0.3 is already given to node 3", map.display())), "{err}");
     let pid: i32 = std::fs::read_to_string(c.node_dir(1).join("infod.pid")).unwrap().trim().parse().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let log = std::fs::read_to_string(c.node_dir(1).join("infod.log")).unwrap();
-    assert!(log.contains("bad cluster map; keeping the old one"), "{log}");
+    let log = c.node_dir(1).join("infod.log");
+    wait_until("infod to refuse the broken map", PATIENCE, || {
+        std::fs::read_to_string(&log).unwrap().contains("bad cluster map; keeping the old one")
+    });
     let view = c.view(1).unwrap();
     assert_eq!(view.nodes.len(), 3);
-    c.wait_for(Duration::from_secs(5), "still gossiping", |_, v| v.nodes.iter().all(|n| n.age_ms.unwrap() < 3000))
-        .unwrap();
+    c.wait_for(PATIENCE, "still gossiping", |_, v| v.nodes.iter().all(|n| n.age_ms.unwrap() < 3000)).unwrap();
 
     // A good map with a fourth node is taken on SIGHUP; the new node is known but down.
     std::fs::write(&map, format!("{good}4 10.213.0.4 1\n")).unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let view = c.view(1).unwrap();
-    assert_eq!(view.nodes.len(), 4);
-    assert!(!view.nodes[3].alive);
+    let view = view_with_four_nodes(&c);
+    assert!(!view.nodes[3].alive, "{view:#?}");
+}
+
+/// Node 1's view once it has taken the map with a fourth node.
+fn view_with_four_nodes(c: &Cluster) -> ClusterView {
+    rmosix_testcluster::wait_until_some("infod to take the map with a fourth node", PATIENCE, || {
+        Some(c.view(1).unwrap()).filter(|view| view.nodes.len() == 4)
+    })
 }

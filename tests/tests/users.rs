@@ -4,12 +4,13 @@
 //! files are those of an unmoved run, the exit status arrives, and the job is still theirs, with nothing
 //! gained (uid, gid, groups, no capabilities), its limits and umask.
 
-use std::process::{Child, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use rmosix_common::cgroup::{Cgroup, Controller, Hierarchy, ProcessCgroups};
+use rmosix_common::control::{Refusal, Request, Response, Target};
 use rmosix_testcluster::user::{Lines, TestUser, test_user};
-use rmosix_testcluster::{Cluster, Spec, bin_dir_of_current_test};
+use rmosix_testcluster::{Cluster, PATIENCE, Spec, bin_dir_of_current_test, wait_until};
 
 const PYTHON: &str = "/usr/bin/python3";
 
@@ -22,9 +23,11 @@ fn user() -> TestUser {
     test_user().unwrap_or_else(|e| panic!("cannot create the test user: {e}"))
 }
 
-/// `mosrun ARGS...` on node 1 as the test user, stdout piped.
+/// `mosrun ARGS...` on node 1 as the test user, stdin and stdout piped. Jobs that must not end before
+/// the test has moved them wait for their stdin to end before their last lines: waiting for the deputy
+/// (`Child::wait`) closes it, and an unmoved run's stdin (`/dev/null`) ends at once.
 fn mosrun(c: &Cluster, u: &TestUser, args: &[&str]) -> Child {
-    c.command_as(1, u, "mosrun").unwrap().args(args).stdout(Stdio::piped()).spawn().unwrap()
+    c.command_as(1, u, "mosrun").unwrap().args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap()
 }
 
 /// `migrate PID TARGET` on node 1 as the test user; the line it prints.
@@ -45,6 +48,41 @@ fn on_node(c: &Cluster, i: u32, comm: &str) -> Vec<i32> {
     c.processes(i, comm)
 }
 
+/// What a refused `migrate` says: it exits 1, prints nothing on stdout, and one line on stderr.
+fn refused(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "migrate was not refused: {out:?}");
+    assert!(out.stdout.is_empty(), "a refused migrate printed {:?}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    err.trim_end().to_owned()
+}
+
+/// The kind and words of migd's refusal to move job `pid` to `target`, asked as `user` (root if `None`).
+fn refusal(c: &Cluster, user: Option<(u32, u32)>, pid: u32, target: Target) -> (Refusal, String) {
+    let request = Request::Migrate { home_pid: i32::try_from(pid).unwrap(), target };
+    match c.ask_migd(1, user, &request).unwrap() {
+        Response::Refused { why, message } => (why, message),
+        other => panic!("migd did not refuse {request:?}: {other:?}"),
+    }
+}
+
+/// The record node 1 keeps of the job with home PID `pid`.
+fn record(c: &Cluster, pid: u32) -> serde_json::Value {
+    let path = c.node_dir(1).join("records").join(format!("{pid}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["record"].clone()
+}
+
+/// A refused move left job `pid`, whose program is `comm`, as it was: one copy, at home on node 1 (of
+/// two), its record unchanged, its output still flowing.
+fn still_at_home(c: &Cluster, pid: u32, comm: &str, lines: &Lines) {
+    assert_eq!(on_node(c, 1, comm).len(), 1, "the job still runs at home");
+    assert!(on_node(c, 2, comm).is_empty(), "no copy of the job on node 2");
+    let record = record(c, pid);
+    assert_eq!((&record["node"], &record["migrations"], &record["state"]["kind"]), (&1.into(), &0.into(), &"running".into()), "{record}");
+    lines.wait_for(lines.count() + 2);
+}
+
 /// The memory cgroup of process `pid` (on cgroup v1 or v2).
 fn job_cgroup(pid: i32) -> Cgroup {
     let hierarchy = Hierarchy::detect().unwrap();
@@ -61,10 +99,13 @@ fn identity(pid: i32) -> Vec<String> {
 
 /// Counts primes, printing progress; exits 3. Also prints what the job sees as its own pid, twice: from
 /// `getpid()` and from its `/proc`, which must agree (2, the program under rmosix-init) wherever it runs.
+/// Its last 50 lines wait for the end of its stdin.
 const PRIMES: &str = r#"
 import os, sys
 n, found = 2, 0
 for line in range(300):
+    if line == 250:
+        sys.stdin.read()
     limit = n + 3000
     while n < limit:
         if all(n % d for d in range(2, int(n ** 0.5) + 1)):
@@ -105,11 +146,11 @@ fn a_users_python_job_moves_to_node_2_and_home_and_stays_theirs() {
     assert!(cgroup_after.path().as_str().ends_with(&format!("/job-1-{pid}-1")), "{cgroup_after}");
     assert!(cgroup_after.procs().unwrap().contains(&nix::unistd::Pid::from_raw(after)));
     // What the job costs on the node, without walking /proc: its CPU time and memory there.
-    let n = lines.count();
-    lines.wait_for(n + 5);
-    assert!(cgroup_after.cpu_time().unwrap() > Duration::from_millis(10), "{cgroup_after}");
+    wait_until(&format!("CPU time of the job in {cgroup_after}"), PATIENCE, || {
+        cgroup_after.cpu_time().unwrap() > Duration::from_millis(10)
+    });
     assert!(cgroup_after.memory_current().unwrap() > 1 << 20, "{cgroup_after}");
-    assert!(!cgroup_before.exists(), "the cgroup of the copy that left is gone: {cgroup_before}");
+    wait_until(&format!("{cgroup_before}, the cgroup of the copy that left, to go"), PATIENCE, || !cgroup_before.exists());
     // Nothing gained by moving: same uids, gids, groups, and capability sets (none but the bounding set).
     assert_eq!(identity(after), identity_before);
     let groups = identity(after).into_iter().find(|l| l.starts_with("Groups:")).unwrap();
@@ -124,16 +165,17 @@ fn a_users_python_job_moves_to_node_2_and_home_and_stays_theirs() {
     assert!(on_node(&c, 2, "python3").is_empty(), "no copy left on node 2");
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(3), "the job's exit status reaches its deputy");
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(lines.text(), reference, "output identical to an unmoved run");
+    assert_eq!(lines.finish(), reference, "output identical to an unmoved run");
 }
 
 /// Writes 400 numbered lines into the file named by its argument, slowly, with a flush (and fsync) per line,
-/// and says how far it got on stdout.
+/// and says how far it got on stdout. The last 100 wait for the end of its stdin.
 const WRITER: &str = r#"
 import os, sys, time
 with open(sys.argv[1], "w") as f:
     for i in range(400):
+        if i == 300:
+            sys.stdin.read()
         f.write(f"{i} {i * i % 977} {'x' * (i % 50)}\n")
         f.flush()
         os.fsync(f.fileno())
@@ -159,7 +201,7 @@ fn a_file_in_the_users_home_written_across_a_move_is_whole() {
     let said = migrate(&c, &u, pid, "2");
     assert!(said.contains("from node 1 to node 2"), "{said}");
     assert!(child.wait().unwrap().success());
-    assert_eq!(lines.text(), out);
+    assert_eq!(lines.finish(), out);
     let written = std::fs::read(&moved_file).unwrap();
     assert_eq!(written, std::fs::read(&reference_file).unwrap(), "the file is what an unmoved run writes");
     let meta = std::fs::metadata(&moved_file).unwrap();
@@ -169,9 +211,9 @@ fn a_file_in_the_users_home_written_across_a_move_is_whole() {
 }
 
 /// A shell pipeline of real programs: numbers made slowly by a shell loop, sorted, compressed and
-/// decompressed, summed up at the end.
-const PIPELINE: &str = "i=0; while [ $i -lt 300 ]; do echo $(( (i * 7919) % 1009 )); i=$((i + 1)); sleep 0.01; done \
-                        | sort -n | gzip -1 | gzip -dc | uniq -c | sort -rn | head -20; echo end";
+/// decompressed, summed up at the end. Halfway, the loop waits for the end of its stdin.
+const PIPELINE: &str = "i=0; while [ $i -lt 300 ]; do [ $i -eq 150 ] && cat >/dev/null; echo $(( (i * 7919) % 1009 )); \
+                        i=$((i + 1)); sleep 0.01; done | sort -n | gzip -1 | gzip -dc | uniq -c | sort -rn | head -20; echo end";
 
 #[test]
 fn a_shell_pipeline_with_sort_and_gzip_moves_mid_run() {
@@ -185,22 +227,30 @@ fn a_shell_pipeline_with_sort_and_gzip_moves_mid_run() {
     let mut child = mosrun(&c, &u, &args);
     let pid = child.id();
     let lines = Lines::of(&mut child);
-    // The loop runs for about 3 s and nothing is printed before it ends: move it in the middle.
-    std::thread::sleep(Duration::from_millis(800));
+    // Nothing is printed before the loop ends, and it cannot end before its stdin does: move it once every
+    // program of the pipeline runs.
+    let stages = [("sort", 2), ("gzip", 2), ("uniq", 1), ("head", 1)];
+    wait_until("every program of the pipeline to run on node 1", PATIENCE, || {
+        stages.iter().all(|&(comm, n)| on_node(&c, 1, comm).len() == n)
+    });
     assert_eq!(lines.count(), 0);
     let said = migrate(&c, &u, pid, "2");
     assert!(said.contains("from node 1 to node 2"), "{said}");
-    assert!(!on_node(&c, 2, "sort").is_empty() || !on_node(&c, 2, "sh").is_empty(), "the pipeline runs on node 2");
+    for (comm, n) in stages {
+        assert_eq!(on_node(&c, 2, comm).len(), n, "{comm} runs on node 2");
+        assert!(on_node(&c, 1, comm).is_empty(), "no {comm} left on node 1");
+    }
     assert!(child.wait().unwrap().success());
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(lines.text(), reference);
+    assert_eq!(lines.finish(), reference);
 }
 
 /// Prints, every 50 ms, the job's open-files limit, its umask, the mode of a file it creates, a variable
-/// of its environment and its working directory.
+/// of its environment and its working directory. The last 20 lines wait for the end of its stdin.
 const LIMITS: &str = r#"
-import os, resource, time
+import os, resource, sys, time
 for i in range(120):
+    if i == 100:
+        sys.stdin.read()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     mask = os.umask(0); os.umask(mask)
     path = f"rmosix-umask-{os.getppid()}-{i}"
@@ -223,6 +273,7 @@ fn the_users_limits_umask_environment_and_directory_hold_after_a_move() {
         .unwrap()
         .args(["-c", &script])
         .env("RMOSIX_TEST_VAR", "kept across moves")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -237,7 +288,7 @@ fn the_users_limits_umask_environment_and_directory_hold_after_a_move() {
     let said = migrate(&c, &u, pid, "home");
     assert!(said.contains("from node 2 to node 1"), "{said}");
     assert!(child.wait().unwrap().success());
-    let text = lines.text();
+    let text = lines.finish();
     assert_eq!(text.lines().count(), 120);
     let home = u.home.display().to_string();
     for (i, line) in text.lines().enumerate() {
@@ -249,19 +300,19 @@ fn the_users_limits_umask_environment_and_directory_hold_after_a_move() {
 fn only_the_owner_and_root_move_a_users_job() {
     let c = cluster("uowner", 2);
     let u = user();
-    let mut child = mosrun(&c, &u, &[PYTHON, "-c", "import time\nfor i in range(400):\n    print(i, flush=True); time.sleep(0.05)"]);
+    let script = "import sys, time\nfor i in range(400):\n    if i == 300:\n        sys.stdin.read()\n    print(i, flush=True); time.sleep(0.05)";
+    let mut child = mosrun(&c, &u, &[PYTHON, "-c", script]);
     let pid = child.id();
     let lines = Lines::of(&mut child);
     lines.wait_for(2);
-    // Another user (nobody) is refused, in words.
+    // Another user (nobody) is refused, in words, and nothing happens to the job.
     let tools = rmosix_testcluster::user::reachable_tools(&bin_dir_of_current_test()).unwrap();
     let mut nobody = c.command(1, "setpriv").unwrap();
     nobody.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(tools.join("migrate")).args([pid.to_string().as_str(), "2"]);
-    let refused = nobody.current_dir("/").output().unwrap();
-    assert_eq!(refused.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(err.trim(), format!("migrate: cannot move {pid}: it is not your job (it belongs to {}); only its owner or root may move it", u.name));
-    assert_eq!(on_node(&c, 1, "python3").len(), 1, "still running at home");
+    let why = format!("it is not your job (it belongs to {}); only its owner or root may move it", u.name);
+    assert_eq!(refused(&nobody.current_dir("/").output().unwrap()), format!("migrate: cannot move {pid}: {why}"));
+    assert_eq!(refusal(&c, Some((65534, 65534)), pid, Target::Node(2)), (Refusal::NotYours, why));
+    still_at_home(&c, pid, "python3", &lines);
     // Root may move anyone's job; it stays the user's.
     let out = c.command(1, "migrate").unwrap().args([pid.to_string().as_str(), "2"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -287,17 +338,34 @@ fn a_job_that_cannot_start_says_why_and_exits_125() {
     assert!(out.stdout.is_empty());
 }
 
+/// Whether node `i`'s network holds a TCP connection to node `peer`'s migd that is not closed on node `i`'s
+/// side yet (established, or closed by `peer` only).
+fn connected_to_migd(c: &Cluster, i: u32, peer: u32) -> bool {
+    let migd = c.daemon_pid(i, "migd").unwrap();
+    // /proc/PID/net/tcp is the table of PID's network namespace; addresses are in hex, as the kernel holds them.
+    let remote = format!("{:08X}:{:04X}", u32::from_le_bytes(c.addr(peer).octets()), rmosix_testcluster::MIGD_PORT);
+    let table = std::fs::read_to_string(format!("/proc/{migd}/net/tcp")).unwrap();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // 01: established; 08: close-wait.
+        fields.get(2) == Some(&remote.as_str()) && matches!(fields.get(3), Some(&"01" | &"08"))
+    })
+}
+
 #[test]
 fn an_ordinary_user_reaches_infod_and_starts_a_job_on_another_node() {
     let c = cluster("ureach", 2);
     let u = user();
-    c.wait_for_nodes(&[1], Duration::from_secs(15), "node 1 knows node 2", |_, v| v.nodes.iter().any(|n| n.id == 2 && n.alive))
-        .unwrap();
+    c.wait_for_nodes(&[1], PATIENCE, "node 1 knows node 2", |_, v| v.nodes.iter().any(|n| n.id == 2 && n.alive)).unwrap();
     let status = c.command_as(1, &u, "mosctl").unwrap().arg("status").output().unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     assert!(String::from_utf8_lossy(&status.stdout).contains("10.213.0.2"));
-    // `mosrun -N 2`: started at home, moved at once, its output and status come home.
-    let out = c.command_as(1, &u, "mosrun").unwrap().args(["-N", "2", "/bin/sh", "-c", "sleep 1; id -u; ip -4 -o addr show; exit 4"]).output().unwrap();
+    // `mosrun -N 2`: started at home, moved at once, its output and status come home. The job waits
+    // (a minute at most) until it sees node 2's address, read from a file: a program holding a socket then
+    // could not move.
+    let script = "i=0; until grep -q -- '-- 10.213.0.2$' /proc/net/fib_trie; do i=$((i + 1)); [ $i -ge 1200 ] && break; \
+                  sleep 0.05; done; id -u; ip -4 -o addr show; exit 4";
+    let out = c.command_as(1, &u, "mosrun").unwrap().args(["-N", "2", "/bin/sh", "-c", script]).output().unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.starts_with(&format!("{}\n", u.uid)), "{said}");
@@ -308,19 +376,26 @@ fn an_ordinary_user_reaches_infod_and_starts_a_job_on_another_node() {
 fn a_job_that_ended_away_from_home_is_not_linked_home_again() {
     let c = cluster("uend", 2);
     let u = user();
-    let mut child = mosrun(&c, &u, &["/bin/sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do echo $i; sleep 0.1; done"]);
+    let script = "for i in 1 2 3 4 5 6 7 8 9 10; do echo $i; [ $i -eq 2 ] && cat >/dev/null; sleep 0.1; done";
+    let mut child = mosrun(&c, &u, &["/bin/sh", "-c", script]);
     let pid = child.id();
     let lines = Lines::of(&mut child);
     lines.wait_for(2);
     let said = migrate(&c, &u, pid, "2");
     assert!(said.contains("from node 1 to node 2"), "{said}");
+    assert!(connected_to_migd(&c, 2, 1), "the job on node 2 is linked home");
     assert!(child.wait().unwrap().success());
-    // The link home ends with the job; node 2 has nothing to repair.
-    std::thread::sleep(Duration::from_secs(3));
-    let log = std::fs::read_to_string(c.node_dir(2).join("migd.log")).unwrap();
+    // The link home ends with the job: node 2 closes it, and has nothing to repair (it would say so before
+    // it tried again, and keep the broken link open meanwhile).
+    let log_path = c.node_dir(2).join("migd.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap();
+    wait_until("node 2 to close the ended job's link home", PATIENCE, || {
+        !connected_to_migd(&c, 2, 1) || log().contains("linking again")
+    });
+    let log = log();
     assert!(log.contains("guest job running"), "the job ran on node 2");
     assert!(!log.contains("linking again"), "node 2 tried to link an ended job home:\n{log}");
-    assert_eq!(lines.text(), "1\n2\n3\n4\n5\n6\n7\n8\n9\n10\n");
+    assert_eq!(lines.finish(), "1\n2\n3\n4\n5\n6\n7\n8\n9\n10\n");
 }
 
 #[test]
@@ -333,20 +408,17 @@ fn a_node_takes_root_jobs_from_others_only_when_its_policy_says_so() {
     c.kill_daemon(2, "migd").unwrap();
     c.start_migd(2).unwrap();
 
-    let script = "import time\nfor i in range(100):\n    print(i, flush=True); time.sleep(0.03)";
-    let mut root_job = c.command(1, "mosrun").unwrap().args([PYTHON, "-c", script]).stdout(Stdio::piped()).spawn().unwrap();
+    let script = "import sys, time\nfor i in range(100):\n    if i == 50:\n        sys.stdin.read()\n    print(i, flush=True); time.sleep(0.03)";
+    let mut root_job =
+        c.command(1, "mosrun").unwrap().args([PYTHON, "-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let root_pid = root_job.id();
     let root_lines = Lines::of(&mut root_job);
     root_lines.wait_for(3);
     let out = c.command(1, "migrate").unwrap().args([root_pid.to_string().as_str(), "2"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim(),
-        format!(
-            "migrate: cannot move {root_pid}: node 2 does not take root's jobs from other nodes (its policy \
-             allow_root_guests is off); run the job as an ordinary user"
-        )
-    );
+    let why = "node 2 does not take root's jobs from other nodes (its policy allow_root_guests is off); run the job as an ordinary user";
+    assert_eq!(refused(&out), format!("migrate: cannot move {root_pid}: {why}"));
+    assert_eq!(refusal(&c, None, root_pid, Target::Node(2)), (Refusal::TargetRefusesRoot, why.to_owned()));
+    still_at_home(&c, root_pid, "python3", &root_lines);
     // An ordinary user's job is welcome there meanwhile.
     let u = user();
     let mut user_job = mosrun(&c, &u, &[PYTHON, "-c", script]);
@@ -356,8 +428,7 @@ fn a_node_takes_root_jobs_from_others_only_when_its_policy_says_so() {
     assert!(migrate(&c, &u, user_pid, "2").contains("from node 1 to node 2"));
     assert!(root_job.wait().unwrap().success());
     assert!(user_job.wait().unwrap().success());
-    std::thread::sleep(Duration::from_millis(200));
     let whole = (0..100).map(|i: u32| i.to_string() + "\n").collect::<String>();
-    assert_eq!(root_lines.text(), whole, "root's job ran on at home, whole");
-    assert_eq!(user_lines.text(), whole);
+    assert_eq!(root_lines.finish(), whole, "root's job ran on at home, whole");
+    assert_eq!(user_lines.finish(), whole);
 }
