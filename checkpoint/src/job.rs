@@ -18,6 +18,11 @@
 //! The job's stdin, stdout and stderr are pipes whose other ends the supervisor (the caller) holds. At dump
 //! they are declared external, and at restore new pipes take their place, so output keeps flowing after a
 //! move. The inodes of the pipes a job holds are written beside its images, since the restore needs them.
+//!
+//! A fourth pipe carries the job's exit status: `rmosix-init` holds its write end as descriptor 3 and writes
+//! the program's status into it before it exits. So the status reaches whoever holds the read end, not only
+//! the job's parent: a supervisor that restarted and took up a job it did not start ([`Job::adopt`]) learns
+//! how it ended too.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
@@ -81,8 +86,10 @@ pub struct Stdio {
 #[derive(Debug)]
 pub struct Job {
     pid: Pid,
-    /// Inodes of the pipes the job holds as stdin, stdout, stderr.
-    pipes: [u64; 3],
+    /// Inodes of the pipes the job holds as stdin, stdout, stderr, and its init's status pipe.
+    pipes: [u64; 4],
+    /// Read end of the status pipe: `rmosix-init` writes the program's status into it, 4 bytes, then exits.
+    status: File,
     /// Whose it is: CRIU dumps the job of an ordinary user with that user's uid and gid (see [`Criu::dump`]).
     owner: Option<Owner>,
 }
@@ -122,10 +129,17 @@ pub enum JobError {
     Pipe(#[source] nix::Error),
 }
 
-/// Three pipes: the job's ends and ours.
+/// Four pipes (stdio and status): the job's ends and ours.
 struct Pipes {
-    job: [OwnedFd; 3],
+    job: [OwnedFd; 4],
     ours: Stdio,
+    status: File,
+}
+
+impl Pipes {
+    fn inodes(&self) -> [u64; 4] {
+        [inode(self.job[0].as_fd()), inode(self.job[1].as_fd()), inode(self.job[2].as_fd()), inode(self.job[3].as_fd())]
+    }
 }
 
 fn pipes() -> Result<Pipes, JobError> {
@@ -133,7 +147,12 @@ fn pipes() -> Result<Pipes, JobError> {
     let (in_r, in_w) = nix::unistd::pipe2(flags).map_err(JobError::Pipe)?;
     let (out_r, out_w) = nix::unistd::pipe2(flags).map_err(JobError::Pipe)?;
     let (err_r, err_w) = nix::unistd::pipe2(flags).map_err(JobError::Pipe)?;
-    Ok(Pipes { job: [in_r, out_w, err_w], ours: Stdio { stdin: in_w, stdout: out_r, stderr: err_r } })
+    let (status_r, status_w) = nix::unistd::pipe2(flags).map_err(JobError::Pipe)?;
+    Ok(Pipes {
+        job: [in_r, out_w, err_w, status_w],
+        ours: Stdio { stdin: in_w, stdout: out_r, stderr: err_r },
+        status: File::from(status_r),
+    })
 }
 
 fn inode(fd: BorrowedFd<'_>) -> u64 {
@@ -177,7 +196,8 @@ impl Job {
             mounts_to_hide(&mountinfo).iter().map(|p| c("mount point", p.as_os_str())).collect::<Result<Vec<_>, _>>()?;
         let rlimits = spec.rlimits.clone();
         let pipes = pipes()?;
-        let job_fds: [RawFd; 3] = [pipes.job[0].as_raw_fd(), pipes.job[1].as_raw_fd(), pipes.job[2].as_raw_fd()];
+        let job_fds: [RawFd; 4] =
+            [pipes.job[0].as_raw_fd(), pipes.job[1].as_raw_fd(), pipes.job[2].as_raw_fd(), pipes.job[3].as_raw_fd()];
         let netns = placement.netns.as_ref().map(AsRawFd::as_raw_fd);
         let cgroups: Vec<RawFd> = placement.cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
         let creds = spec.credentials.clone();
@@ -199,14 +219,14 @@ impl Job {
                     }
                 }
                 for (target, &fd) in job_fds.iter().enumerate() {
-                    #[expect(clippy::cast_possible_wrap, clippy::cast_possible_truncation, reason = "0..3")]
+                    #[expect(clippy::cast_possible_wrap, clippy::cast_possible_truncation, reason = "0..4")]
                     if libc::dup2(fd, target as i32) < 0 {
                         return say(122, b"rmosix: cannot connect the job's stdio\n");
                     }
                 }
-                // Nothing of the supervisor's leaks into the job: a descriptor opened outside the job's mount
-                // namespace could not even be dumped.
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                // Nothing of the supervisor's leaks into the job (stdio and init's status pipe, 3, are its
+                // own): a descriptor opened outside the job's mount namespace could not even be dumped.
+                libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
                 if own_mounts(&hidden).is_err() {
                     return say(119, b"rmosix: cannot give the job a mount namespace with a /proc of its own\n");
                 }
@@ -246,10 +266,26 @@ impl Job {
             )
         }
         .map_err(|source| JobError::Spawn { program: spec.program.clone(), what: "clone", source })?;
-        let inodes = [inode(pipes.job[0].as_fd()), inode(pipes.job[1].as_fd()), inode(pipes.job[2].as_fd())];
+        let inodes = pipes.inodes();
         drop(pipes.job);
         let owner = spec.credentials.as_ref().map(|c| Owner { uid: c.uid, gid: c.gid });
-        Ok((Self { pid, pipes: inodes, owner }, pipes.ours))
+        Ok((Self { pid, pipes: inodes, status: pipes.status, owner }, pipes.ours))
+    }
+
+    /// Takes up a job this process did not start (a supervisor that restarted): its init's PID, the
+    /// inodes of its pipes as [`Job::pipes`] gave them, whose it is, and the read end of its status pipe.
+    pub fn adopt(pid: i32, pipes: [u64; 4], owner: Option<Owner>, status: OwnedFd) -> Self {
+        Self { pid: Pid::from_raw(pid), pipes, status: File::from(status), owner }
+    }
+
+    /// Inodes of the pipes the job holds (stdin, stdout, stderr, status), for [`Job::adopt`].
+    pub fn pipes(&self) -> [u64; 4] {
+        self.pipes
+    }
+
+    /// The read end of the job's status pipe, for a keeper that outlives this process.
+    pub fn status_fd(&self) -> BorrowedFd<'_> {
+        self.status.as_fd()
     }
 
     /// Whose the job is, when it is not the caller's own.
@@ -276,16 +312,24 @@ impl Job {
         nix::sys::signal::kill(self.pid, None).is_ok()
     }
 
-    /// Waits for the job to end; returns its exit code (128+N when the program died of signal N).
+    /// Waits for the job to end; returns its exit code (128+N when the program died of signal N). The code
+    /// comes from the status pipe, so a job this process did not start can be waited for too; a job whose
+    /// init was killed before it could say (SIGKILL) ended with 137 (or what `waitpid` says, if it is ours).
     pub fn wait(&self) -> Result<i32, JobError> {
-        loop {
+        use std::io::Read as _;
+        let mut code = [0u8; 4];
+        let said = (&self.status).read_exact(&mut code).ok().map(|()| i32::from_le_bytes(code));
+        let reaped = loop {
             match nix::sys::wait::waitpid(self.pid, None) {
-                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+                Ok(WaitStatus::Exited(_, code)) => break Some(code),
+                Ok(WaitStatus::Signaled(_, sig, _)) => break Some(128 + sig as i32),
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                // Not our child (adopted), or reaped already (a killed frozen copy).
+                Err(nix::errno::Errno::ECHILD) => break None,
                 Err(source) => return Err(JobError::Signal { what: "wait for", pid: self.pid(), source }),
             }
-        }
+        };
+        Ok(said.or(reaped).unwrap_or(128 + Signal::SIGKILL as i32))
     }
 
     /// Checks that the job can move, then dumps it into `images` and leaves it frozen. Nothing is lost if a
@@ -298,7 +342,7 @@ impl Job {
             return Err(JobError::NotMigratable { pid: self.pid(), reasons });
         }
         let meta = images.path().join(META_FILE);
-        let text = format!("pipes {} {} {}\n", self.pipes[0], self.pipes[1], self.pipes[2]);
+        let text = format!("pipes {} {} {} {}\n", self.pipes[0], self.pipes[1], self.pipes[2], self.pipes[3]);
         std::fs::write(&meta, text).map_err(|e| JobError::Meta { path: meta.clone(), reason: e.to_string() })?;
         let dir = images.open_dir().map_err(|e| JobError::Meta { path: images.path().to_owned(), reason: e.to_string() })?;
         let request = DumpRequest {
@@ -364,8 +408,8 @@ impl Job {
             .strip_prefix("pipes ")
             .map(|rest| rest.split_whitespace().filter_map(|n| n.parse().ok()).collect())
             .unwrap_or_default();
-        if old.len() != 3 {
-            return Err(bad(format!("expected `pipes IN OUT ERR`, found {text:?}")));
+        if old.len() != 4 {
+            return Err(bad(format!("expected `pipes IN OUT ERR STATUS`, found {text:?}")));
         }
         let pipes = pipes()?;
         let dir = images.open_dir().map_err(|e| bad(e.to_string()))?;
@@ -376,9 +420,9 @@ impl Job {
             leave_stopped,
         };
         let pid = criu.restore(&request)?;
-        let inodes = [inode(pipes.job[0].as_fd()), inode(pipes.job[1].as_fd()), inode(pipes.job[2].as_fd())];
+        let inodes = pipes.inodes();
         drop(pipes.job);
-        Ok((Self { pid: Pid::from_raw(pid), pipes: inodes, owner }, pipes.ours))
+        Ok((Self { pid: Pid::from_raw(pid), pipes: inodes, status: pipes.status, owner }, pipes.ours))
     }
 }
 

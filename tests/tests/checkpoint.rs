@@ -1,7 +1,11 @@
 //! Checkpoint and restore of whole jobs with real CRIU, as root: the job's output after a move is exactly
 //! what an unmoved run prints, in the same and in another network namespace, for single- and multi-threaded
 //! programs, open files, and forked children; a job CRIU can't move is refused with a reason and keeps
-//! running; a restore that fails leaves the original to resume.
+//! running; a restore that fails leaves the original to resume, and no zombie.
+//!
+//! A move changes nothing the job can see, as the job itself checks (real programs, python3, in
+//! `programs/`): its flock and POSIX locks are still its own; a full FIFO holds its data once. These move
+//! jobs the way migd does: the frozen copy ends before the restore.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -98,7 +102,7 @@ fn moved_run_matches(args: &[&str], before: usize, to: impl FnOnce() -> Placemen
     let (restored, new_stdio) = move_job(&criu, &job, &Placement::default(), to());
     // The old pipe ends when the old copy is gone; whatever it had buffered comes first.
     drain(&rx, &mut seen);
-    assert_eq!(job.wait().ok(), None, "the old copy was reaped by commit");
+    assert_eq!(job.wait().ok(), Some(137), "the old copy was killed (SIGKILL) and reaped by commit");
     let rx = reader(new_stdio.stdout);
     drain(&rx, &mut seen);
     assert_eq!(restored.wait().unwrap(), 0);
@@ -314,4 +318,168 @@ fn a_criu_stopped_by_the_jobs_owner_fails_the_dump_and_the_job_runs_on() {
     let expected: Vec<String> = (0..150).map(|i| i.to_string()).collect();
     assert_eq!(seen, expected, "the job ran on, its output whole");
     assert_eq!(job.wait().unwrap(), 0);
+}
+
+/// A job running `python3 -c SCRIPT ARGS...`.
+fn python(script: &str, args: &[&str]) -> JobSpec {
+    let mut spec = spec(&[]);
+    spec.program = "/usr/bin/python3".into();
+    spec.args = ["-c", script].iter().chain(args).map(OsString::from).collect();
+    spec
+}
+
+/// Moves a job the way migd does: dump, end the frozen copy (so that whatever it holds is free), restore
+/// stopped, resume.
+fn move_letting_go_first(criu: &Criu, job: &Job) -> (Job, Stdio) {
+    let images = ImageDir::create(Path::new(IMAGES)).unwrap();
+    let frozen = job.dump(criu, &images, &Placement::default()).unwrap_or_else(|e| panic!("{e}"));
+    frozen.commit().unwrap();
+    let (restored, stdio) =
+        Job::restore_stopped(criu, &images, Placement::default(), None).unwrap_or_else(|e| panic!("{e}"));
+    restored.resume();
+    (restored, stdio)
+}
+
+/// The job's stdin, one line at a time.
+fn say(stdin: &mut File, line: &str) {
+    writeln!(stdin, "{line}").unwrap();
+}
+
+/// Zombies among this process's children, in a PID namespace below ours (what a failed restore of a job
+/// leaves), but exited job inits (`rmosix-init`) that other tests have yet to reap.
+fn zombie_children() -> Vec<String> {
+    let me = std::process::id().to_string();
+    let depth = |status: &str| status.lines().find_map(|l| l.strip_prefix("NSpid:")).map_or(0, |l| l.split_whitespace().count());
+    let ours = depth(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map_or("", str::trim);
+        if field("PPid:") == me && field("State:").starts_with('Z') && depth(&status) > ours && field("Name:") != "rmosix-init" {
+            zombies.push(format!("{} ({})", entry.file_name().to_string_lossy(), field("Name:")));
+        }
+    }
+    zombies
+}
+
+#[test]
+fn a_restore_that_fails_after_forking_the_job_leaves_no_zombie_and_the_original_resumes() {
+    let criu = criu();
+    let args = ["spin", "200", "300000"];
+    let expected = reference(&args);
+    let (job, stdio) = Job::spawn(&spec(&args), &Placement::default()).unwrap();
+    let rx = reader(stdio.stdout);
+    let mut seen = Vec::new();
+    take(&rx, 5, &mut seen);
+    let images = ImageDir::create(Path::new(IMAGES)).unwrap();
+    let frozen = job.dump(&criu, &images, &Placement::default()).unwrap();
+    // Cut every process's fs image in half: CRIU finds out in the restored processes, after forking them.
+    let mut cut = 0;
+    for entry in std::fs::read_dir(images.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with("fs-") {
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            file.set_len(file.metadata().unwrap().len() / 2).unwrap();
+            cut += 1;
+        }
+    }
+    assert_eq!(cut, 2, "an fs image for rmosix-init and one for the program");
+    let error = Job::restore(&criu, &images, Placement::default(), None).unwrap_err().to_string();
+    assert!(error.contains("CRIU restore") && error.contains("fs-"), "{error}");
+    assert_eq!(zombie_children(), Vec::<String>::new(), "the failed restore's processes are reaped");
+    frozen.abort();
+    drain(&rx, &mut seen);
+    assert_eq!(job.wait().unwrap(), 0);
+    assert_eq!(seen, expected);
+}
+
+const LOCKS: &str = include_str!("programs/locks.py");
+
+/// Whether a process other than the job is refused each lock of `locks.py` in `dir` when it asks without
+/// waiting.
+fn locks_taken_by_someone_else(dir: &Path) -> (bool, bool) {
+    use std::os::fd::AsRawFd as _;
+    let flock = File::options().write(true).open(dir.join("flock")).unwrap();
+    // SAFETY: flock and lockf on descriptors we own.
+    let flock_refused = unsafe { libc::flock(flock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0;
+    let lockf = File::options().write(true).open(dir.join("lockf")).unwrap();
+    // SAFETY: as above; closing `lockf` drops a lock taken by mistake.
+    let lockf_refused = unsafe { libc::lockf(lockf.as_raw_fd(), libc::F_TLOCK, 0) } != 0;
+    (flock_refused, lockf_refused)
+}
+
+#[test]
+fn a_job_holding_an_flock_and_a_posix_lock_still_holds_both_after_a_move() {
+    let criu = criu();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (job, stdio) = Job::spawn(&python(LOCKS, &[dir.path().to_str().unwrap()]), &Placement::default()).unwrap();
+    let rx = reader(stdio.stdout);
+    let mut seen = Vec::new();
+    take(&rx, 1, &mut seen);
+    assert_eq!(locks_taken_by_someone_else(dir.path()), (true, true));
+    let (moved, stdio) = move_letting_go_first(&criu, &job);
+    drain(&rx, &mut seen);
+    assert_eq!(locks_taken_by_someone_else(dir.path()), (true, true), "the moved job holds both locks");
+    let rx = reader(stdio.stdout);
+    let mut input = File::from(stdio.stdin);
+    say(&mut input, "after a move");
+    drop(input);
+    drain(&rx, &mut seen);
+    assert_eq!(moved.wait().unwrap(), 0);
+    assert_eq!(seen, ["flock held lockf held", "flock held lockf held"], "the job finds its locks held");
+    assert_eq!(locks_taken_by_someone_else(dir.path()), (false, false), "and they went with it");
+}
+
+const FIFO: &str = include_str!("programs/fifo.py");
+
+#[test]
+fn a_full_fifo_holds_its_data_once_after_a_move() {
+    let criu = criu();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let fifo = dir.path().join("fifo");
+    let (job, stdio) = Job::spawn(&python(FIFO, &[fifo.to_str().unwrap()]), &Placement::default()).unwrap();
+    let rx = reader(stdio.stdout);
+    let mut seen = Vec::new();
+    take(&rx, 1, &mut seen);
+    let (moved, stdio) = move_letting_go_first(&criu, &job);
+    drain(&rx, &mut seen);
+    let rx = reader(stdio.stdout);
+    let mut input = File::from(stdio.stdin);
+    say(&mut input, "read it all");
+    drop(input);
+    drain(&rx, &mut seen);
+    assert_eq!(moved.wait().unwrap(), 0);
+    let written: usize = seen[0].strip_prefix("wrote ").unwrap().parse().unwrap();
+    assert!(written >= 4096, "{seen:?}");
+    assert_eq!(seen[1..], [format!("read {written} the pattern then wrote {written}")], "once, whole");
+}
+
+const LARGE_DELETED: &str = include_str!("programs/large_deleted.py");
+
+#[test]
+fn a_job_holding_a_deleted_file_over_the_ghost_limit_is_refused_with_the_reason_and_runs_on() {
+    let criu = criu();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let file = dir.path().join("scratch");
+    let (job, stdio) = Job::spawn(&python(LARGE_DELETED, &[file.to_str().unwrap()]), &Placement::default()).unwrap();
+    let rx = reader(stdio.stdout);
+    let mut input = File::from(stdio.stdin);
+    let mut seen = Vec::new();
+    take(&rx, 1, &mut seen);
+    let images = ImageDir::create(Path::new(IMAGES)).unwrap();
+    match job.dump(&criu, &images, &Placement::default()) {
+        Err(JobError::NotMigratable { reasons, .. }) => {
+            let [Reason::LargeDeletedFile { path, bytes, .. }] = &reasons[..] else { panic!("{reasons:?}") };
+            assert_eq!((path.as_str(), *bytes >= 257 << 20), (file.to_str().unwrap(), true), "{reasons:?}");
+            let text = reasons[0].to_string();
+            let said = format!("{}, deleted, of {} MiB; a deleted file travels in the images, up to 256 MiB", file.display(), bytes.div_ceil(1 << 20));
+            assert!(text.ends_with(&said), "{text}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    say(&mut input, "are you there?");
+    drop(input);
+    drain(&rx, &mut seen);
+    assert_eq!(job.wait().unwrap(), 0);
+    assert_eq!(seen, ["holding it", "still here"]);
 }

@@ -7,6 +7,10 @@
 //! reaps every child, and when the program ends, exits with its status (128+N if it died of signal N),
 //! which takes the rest of the namespace down with it.
 //!
+//! Its descriptor 3, when open, is the job's status pipe: it writes the program's status there (4 bytes,
+//! little-endian) before it exits, so the status reaches the job's supervisor even when that is not its
+//! parent (a supervisor that restarted). The program does not inherit it.
+//!
 //! It is deliberately tiny and stateless between signals, since CRIU freezes and restores it with the job.
 
 use std::ffi::{CString, OsString};
@@ -18,6 +22,9 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, execvp, fork};
 
 use rmosix_common::control::FORWARDED_SIGNALS as FORWARDED;
+
+/// The job's status pipe, set up by the supervisor.
+const STATUS_FD: i32 = 3;
 
 extern "C" fn noop(_: libc::c_int) {}
 
@@ -48,6 +55,10 @@ fn main() -> ExitCode {
         eprintln!("rmosix-init: cannot block signals: {e}");
         return ExitCode::from(125);
     }
+
+    // The status pipe stays ours: the program must not hold it (nor keep it open after we are gone).
+    // SAFETY: fcntl(2) on a descriptor number; fails harmlessly when it is not open.
+    let status = unsafe { libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC) } == 0;
 
     // SAFETY: single-threaded; the child only resets its signal state and execs.
     let program = match unsafe { fork() } {
@@ -90,6 +101,10 @@ fn main() -> ExitCode {
             }
         }
         if let Some(code) = reap(program) {
+            if status {
+                // SAFETY: write(2) of a local buffer to our own descriptor.
+                let _ = unsafe { libc::write(STATUS_FD, i32::from(code).to_le_bytes().as_ptr().cast(), 4) };
+            }
             return ExitCode::from(code);
         }
     }
