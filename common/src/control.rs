@@ -174,14 +174,34 @@ pub enum Response {
     Guests { count: u32 },
 }
 
-/// Asks the migd at `socket` how many guest jobs run on its node; `None` when it does not answer in time.
-pub fn ask_guests(socket: &std::path::Path) -> Option<u32> {
-    let mut stream = UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(std::time::Duration::from_millis(200))).ok()?;
-    send(&mut stream, &Request::Guests).ok()?;
-    match recv::<Response>(&mut stream).ok()? {
-        Response::Guests { count } => Some(count),
-        _ => None,
+/// Asks the migd at `socket` how many guest jobs run on its node, giving it `timeout` to take the connection,
+/// the question and to answer: infod asks every interval, and a migd that is stuck must not hold it up. A
+/// migd that is not there is `Io` with `NotFound` or `ConnectionRefused`; one that does not take the
+/// connection at once (its backlog is full) is `Io` with `WouldBlock`; one that does not answer in time is
+/// `Io` with `WouldBlock` or `TimedOut`.
+pub fn ask_guests(socket: &std::path::Path, timeout: std::time::Duration) -> Result<u32, ControlError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
+    let deadline = std::time::Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(std::time::Instant::now()).max(std::time::Duration::from_millis(1));
+    // A blocking connect waits for room in a full backlog for as long as it takes; a non-blocking one says
+    // at once that there is none.
+    let fd = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    let addr = UnixAddr::new(socket).map_err(std::io::Error::from)?;
+    nix::sys::socket::connect(fd.as_raw_fd(), &addr).map_err(std::io::Error::from)?;
+    let mut stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(left()))?;
+    send(&mut stream, &Request::Guests)?;
+    stream.set_read_timeout(Some(left()))?;
+    match recv::<Response>(&mut stream)? {
+        Response::Guests { count } => Ok(count),
+        other => Err(ControlError::Unexpected { asked: "guests", answer: format!("{other:?}") }),
     }
 }
 
@@ -196,6 +216,8 @@ pub enum ControlError {
     Json(#[from] serde_json::Error),
     #[error("the other side closed the connection")]
     Closed,
+    #[error("migd answered {answer} when asked for {asked}")]
+    Unexpected { asked: &'static str, answer: String },
 }
 
 fn frame<T: Serialize>(msg: &T) -> Vec<u8> {
@@ -310,6 +332,80 @@ mod tests {
         assert_eq!(recv::<Response>(&mut a).unwrap(), Response::Exited { code: 3 });
         drop(b);
         assert!(matches!(recv::<Response>(&mut a), Err(ControlError::Closed)));
+    }
+
+    /// Runs `ask_guests` on a thread and returns what it said; a hang fails the test instead of stalling it.
+    fn ask(socket: &std::path::Path, timeout: std::time::Duration) -> Result<u32, ControlError> {
+        let socket = socket.to_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(ask_guests(&socket, timeout)));
+        rx.recv_timeout(std::time::Duration::from_mins(1)).expect("ask_guests returned")
+    }
+
+    fn kind(result: Result<u32, ControlError>) -> std::io::ErrorKind {
+        match result {
+            Err(ControlError::Io(e)) => e.kind(),
+            other => panic!("not an I/O error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_guest_count_comes_from_a_migd_that_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("migd.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            assert_eq!(recv::<Request>(&mut conn).unwrap(), Request::Guests);
+            send(&mut conn, &Response::Guests { count: 7 }).unwrap();
+        });
+        assert_eq!(ask(&path, std::time::Duration::from_mins(1)).unwrap(), 7);
+    }
+
+    #[test]
+    fn asking_a_missing_silent_or_stuck_migd_for_guests_ends_in_time() {
+        use std::io::ErrorKind;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("migd.sock");
+        let short = std::time::Duration::from_millis(50);
+        assert_eq!(kind(ask(&path, short)), ErrorKind::NotFound);
+
+        // A migd that takes the connection and never answers.
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let held = std::thread::spawn(move || listener.accept().map(|(conn, _)| (listener, conn)));
+        assert!(matches!(kind(ask(&path, short)), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+        let (listener, _conn) = held.join().unwrap().unwrap();
+        drop(listener);
+        std::fs::remove_file(&path).unwrap();
+
+        // A migd that takes no connection at all, with its backlog full: even with an hour to wait, the
+        // question is not even put.
+        let fd = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        nix::sys::socket::bind(fd.as_raw_fd(), &nix::sys::socket::UnixAddr::new(&path).unwrap()).unwrap();
+        nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(0).unwrap()).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let client = nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC | nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .unwrap();
+            match nix::sys::socket::connect(client.as_raw_fd(), &nix::sys::socket::UnixAddr::new(&path).unwrap()) {
+                Ok(()) => queued.push(client),
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => panic!("connect: {e}"),
+            }
+            assert!(queued.len() < 64, "the backlog never filled");
+        }
+        assert_eq!(kind(ask(&path, std::time::Duration::from_hours(1))), ErrorKind::WouldBlock);
     }
 
     #[test]
