@@ -5,6 +5,13 @@
 //!
 //! Every operation writes its own log at level 4 into the log directory; a successful operation removes its
 //! log, a failed one keeps it and its path and error lines are part of the error.
+//!
+//! A restore forks the job's init as a child of ours (`rst_sibling`, so that the caller can wait for the
+//! job). When the restore fails, CRIU kills that init but cannot reap it, not being its parent: each failed
+//! restore would leave a zombie (named after the criu binary) behind, or, when criu itself had to be killed,
+//! a half-restored tree. So a restore asks criu to say the init's PID as soon as it exists (`notify_scripts`:
+//! criu sends `setup-namespaces` with it over the RPC socket and waits for our answer), and a failed restore
+//! kills and reaps that init, and then any zombie child of ours that criu forked before it could say so.
 
 use std::fs::File;
 use std::io::{BufRead as _, BufReader};
@@ -19,6 +26,15 @@ use protobuf::{Enum as _, Message as _, MessageField};
 use rust_criu::rust_criu_protobuf::rpc::{
     Criu_cg_mode, Criu_opts, Criu_req, Criu_req_type, Criu_resp, Inherit_fd,
 };
+
+pub mod image;
+
+/// The most disk space a deleted file the job holds may take (`ghost_limit`, CRIU's default is 1 MiB): such
+/// a file has no name to reopen at the destination, so CRIU copies its contents into the images, where they
+/// travel like the job's memory. A job holding a larger one is refused before it is frozen
+/// ([`crate::migratable::Reason::LargeDeletedFile`]). 256 MiB: more than a temporary file or an upgraded
+/// program's old binary usually takes, still small beside the memory moves are made for.
+pub const GHOST_LIMIT: u64 = 256 << 20;
 
 /// Oldest CRIU accepted: 3.x fails on current kernels, and `leave_stopped` is needed.
 pub const MIN_VERSION: Version = Version { major: 4, minor: 0, sublevel: 0 };
@@ -75,6 +91,8 @@ pub enum CriuError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read the CRIU image {path}: {reason}")]
+    Image { path: PathBuf, reason: String },
 }
 
 fn errno_text(errno: i32) -> String {
@@ -235,6 +253,11 @@ impl Criu {
         opts.set_leave_running(false);
         opts.set_leave_stopped(req.leave_stopped);
         opts.set_file_locks(true);
+        // A file the job holds whose name is gone moves too: one that has no name left is copied into the
+        // images (a ghost file, up to GHOST_LIMIT); one still linked under another name gets a temporary
+        // name beside its old one (`link_remap.N`), which the restore opens and removes.
+        opts.set_link_remap(true);
+        opts.set_ghost_limit(u32::try_from(GHOST_LIMIT).unwrap_or(u32::MAX));
         // The job lands in the cgroups of the node that restores it, not of the node it came from.
         opts.set_manage_cgroups_mode(Criu_cg_mode::IGNORE);
         opts.external.clone_from(&req.external);
@@ -268,6 +291,8 @@ impl Criu {
         external_mounts(&mut opts);
         // The job's mount namespace is rebuilt from the restoring node's own tree.
         opts.set_root("/".to_owned());
+        // criu names the restored init as soon as it exists (see the module doc).
+        opts.set_notify_scripts(true);
         let mut keep = vec![req.images_dir.as_raw_fd(), work.as_raw_fd()];
         for (key, fd) in &req.inherit {
             let mut i = Inherit_fd::new();
@@ -361,40 +386,95 @@ impl Criu {
         }
         let mut child = cmd.spawn().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
         drop(theirs);
-        let bytes = req.write_to_bytes().map_err(|e| self.protocol(&e.to_string()))?;
-        // A criu that never answers (stopped by the job's owner, whose uid it runs with, or hung) must not
-        // hold a frozen job and a migd thread for ever: past the limit it is killed and the step fails.
-        let _ = nix::sys::socket::setsockopt(
-            &ours,
-            nix::sys::socket::sockopt::ReceiveTimeout,
-            &nix::sys::time::TimeVal::new(self.answer_limit.as_secs().try_into().unwrap_or(i64::MAX).max(1), 0),
-        );
-        let result = exchange(&ours, &bytes).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::TimedOut {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("criu did not answer within {} s; it was killed", self.answer_limit.as_secs()),
-                )
-            } else {
-                e
-            }
-        });
-        let result = result.map_err(|e| self.io(e));
+        let mut restored = None;
+        let result = self.converse(&ours, req, &mut restored);
+        let failed_restore = req.type_() == Criu_req_type::RESTORE && !matches!(&result, Ok(resp) if resp.success());
+        // The name criu's forks carry, read while it still runs (it waits for the next request).
+        let criu_comm = failed_restore.then(|| comm_of(child.id())).flatten();
         drop(ours);
         if result.is_err() {
             let _ = child.kill();
         }
+        // Reaped on every path: criu exits when its socket closes, or was killed above.
         let _ = child.wait();
-        let answer = result?;
-        let resp = Criu_resp::parse_from_bytes(&answer).map_err(|e| self.protocol(&e.to_string()))?;
-        if resp.type_() != req.type_() {
-            return Err(self.protocol(&format!(
-                "answer of type {} to a request of type {}",
-                resp.type_().value(),
-                req.type_().value()
-            )));
+        if failed_restore {
+            reap_failed_restore(restored, criu_comm.as_deref());
         }
-        Ok(resp)
+        result
+    }
+
+    /// Sends `req` and reads criu's answer, answering the notifications it sends before it (and noting, in
+    /// `restored`, the PID a restore's notifications name), all within the answer limit.
+    fn converse(&self, socket: &OwnedFd, req: &Criu_req, restored: &mut Option<i32>) -> Result<Criu_resp, CriuError> {
+        let deadline = std::time::Instant::now() + self.answer_limit;
+        send(socket, &req.write_to_bytes().map_err(|e| self.protocol(&e.to_string()))?).map_err(|e| self.io(e))?;
+        loop {
+            // A criu that never answers (stopped by the job's owner, whose uid it runs with, or hung) must not
+            // hold a frozen job and a migd thread for ever: past the limit it is killed and the step fails.
+            let answer = receive(socket, deadline).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    self.io(std::io::Error::new(
+                        e.kind(),
+                        format!("criu did not answer within {} s; it was killed", self.answer_limit.as_secs()),
+                    ))
+                } else {
+                    self.io(e)
+                }
+            })?;
+            let resp = Criu_resp::parse_from_bytes(&answer).map_err(|e| self.protocol(&e.to_string()))?;
+            if resp.type_() != Criu_req_type::NOTIFY {
+                if resp.type_() != req.type_() {
+                    return Err(self.protocol(&format!(
+                        "answer of type {} to a request of type {}",
+                        resp.type_().value(),
+                        req.type_().value()
+                    )));
+                }
+                return Ok(resp);
+            }
+            if let Some(pid) = resp.notify.as_ref().filter(|n| n.has_pid()).map(rust_criu::rust_criu_protobuf::rpc::Criu_notify::pid).filter(|&p| p > 0) {
+                *restored = Some(pid);
+            }
+            let mut ack = Criu_req::new();
+            ack.set_type(Criu_req_type::NOTIFY);
+            ack.set_notify_success(true);
+            send(socket, &ack.write_to_bytes().map_err(|e| self.protocol(&e.to_string()))?).map_err(|e| self.io(e))?;
+        }
+    }
+}
+
+/// The name (`comm`) of process `pid`, if it is there.
+fn comm_of(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|c| c.trim_end().to_owned())
+}
+
+/// After a failed restore (criu has exited): kills and reaps the init criu restored, if it named it, and
+/// reaps the zombies it left before it could: children of ours, in a PID namespace below ours, named like
+/// criu (`criu_comm`; a restored init that got as far as taking its own name had been named to us). Another
+/// failed restore's zombie reaped here is no loss: no one else waits for it.
+fn reap_failed_restore(restored: Option<i32>, criu_comm: Option<&str>) {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    if let Some(pid) = restored {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        // SIGKILL to a namespace's init ends the whole namespace.
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        while let Err(nix::errno::Errno::EINTR) = waitpid(pid, None) {}
+    }
+    let Some(criu_comm) = criu_comm else { return };
+    let me = std::process::id().to_string();
+    let depth = |status: &str| status.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|l| l.split_whitespace().count());
+    let Some(our_depth) = std::fs::read_to_string("/proc/self/status").ok().as_deref().and_then(depth) else { return };
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        let zombie_of_criu = field("PPid:") == Some(me.as_str())
+            && field("State:").is_some_and(|s| s.starts_with('Z'))
+            && field("Name:") == Some(criu_comm)
+            && depth(&status).is_some_and(|d| d > our_depth);
+        if zombie_of_criu {
+            let _ = waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+        }
     }
 }
 
@@ -459,14 +539,30 @@ fn become_keeping_capabilities(owner: Owner) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Sends one request and reads one answer on a SEQPACKET socket.
-fn exchange(socket: &OwnedFd, request: &[u8]) -> std::io::Result<Vec<u8>> {
-    let sent = nix::sys::socket::send(socket.as_raw_fd(), request, nix::sys::socket::MsgFlags::empty())?;
-    if sent != request.len() {
+/// Sends one message on a SEQPACKET socket.
+fn send(socket: &OwnedFd, message: &[u8]) -> std::io::Result<()> {
+    let sent = nix::sys::socket::send(socket.as_raw_fd(), message, nix::sys::socket::MsgFlags::empty())?;
+    if sent != message.len() {
         return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "short write to criu"));
     }
+    Ok(())
+}
+
+/// Reads one message on a SEQPACKET socket, waiting until `deadline` at most.
+fn receive(socket: &OwnedFd, deadline: std::time::Instant) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 1 << 20];
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "criu did not answer in time"));
+        }
+        // At least a millisecond: a zero timeout would mean none at all.
+        let left = left.max(std::time::Duration::from_millis(1));
+        let timeout = nix::sys::time::TimeVal::new(
+            i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            i64::from(left.subsec_micros()),
+        );
+        nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
         match nix::sys::socket::recv(socket.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty()) {
             Ok(0) => {
                 return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "criu closed the connection"));
@@ -475,10 +571,7 @@ fn exchange(socket: &OwnedFd, request: &[u8]) -> std::io::Result<Vec<u8>> {
                 buf.truncate(n);
                 return Ok(buf);
             }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(nix::errno::Errno::EAGAIN) => {
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "criu did not answer in time"));
-            }
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
             Err(e) => return Err(e.into()),
         }
     }

@@ -38,11 +38,15 @@
 //!   process, read only when the job has shared mappings at all.
 //! - **nested namespaces** ([`Reason::NestedNamespace`]): a job process in a pid, ipc, uts, user, cgroup
 //!   or time namespace other than the job root's and ours ("Can't dump nested pid namespace").
+//! - **large deleted files** ([`Reason::LargeDeletedFile`]): a file the job holds open or maps that has no
+//!   name left has nothing to reopen at the destination, so CRIU copies it into the images, up to the ghost
+//!   limit our dumps set ([`crate::criu::GHOST_LIMIT`]; "Can't dump ghost file ... increase limit"). A file
+//!   whose name is gone but that is still linked elsewhere is no reason: the dump gives it a temporary name
+//!   (`link_remap`).
 //!
 //! Not checked, on purpose: pipes and FIFOs whose other end is outside (CRIU dumps them; only the job's
 //! stdio are such, and they are declared external); file locks (CRIU dumps them when asked,
-//! `file_locks`); deleted files larger than CRIU's ghost limit (a dump option, not a property of the job);
-//! unix sockets whose outside peer is only queued, not yet accepted, and unix sockets made in another
+//! `file_locks`); unix sockets whose outside peer is only queued, not yet accepted, and unix sockets made in another
 //! network namespace than the one their process is in now (rare; CRIU says so clearly); mount points CRIU
 //! can't handle (that depends on how the job's mount namespace is set up, which belongs to the code that
 //! starts jobs).
@@ -232,6 +236,15 @@ pub enum Reason {
         /// Which kind of namespace.
         namespace: Namespace,
     },
+    /// A file with no name left, open or mapped, larger than CRIU copies into the images.
+    LargeDeletedFile {
+        /// Host pid.
+        pid: i32,
+        /// The name it had, as `/proc/PID` shows it (without ` (deleted)`).
+        path: String,
+        /// The disk space it takes, as CRIU counts it (allocated blocks).
+        bytes: u64,
+    },
 }
 
 impl Reason {
@@ -249,7 +262,8 @@ impl Reason {
             | Self::UnsupportedMapping { pid, .. }
             | Self::SysvShmWithoutIpcNamespace { pid, .. }
             | Self::SharedMemory { pid, .. }
-            | Self::NestedNamespace { pid, .. } => *pid,
+            | Self::NestedNamespace { pid, .. }
+            | Self::LargeDeletedFile { pid, .. } => *pid,
         }
     }
 }
@@ -325,6 +339,12 @@ impl fmt::Display for Reason {
                 f,
                 "pid {pid} is in a {namespace} namespace of its own inside the job; CRIU cannot dump nested \
                  {namespace} namespaces"
+            ),
+            Self::LargeDeletedFile { pid, path, bytes } => write!(
+                f,
+                "pid {pid} holds {path}, deleted, of {} MiB; a deleted file travels in the images, up to {} MiB",
+                bytes.div_ceil(1 << 20),
+                crate::criu::GHOST_LIMIT >> 20
             ),
         }
     }
@@ -712,6 +732,7 @@ pub fn check_with(proc: &ProcFs, peers: &dyn UnixPeers, root: i32) -> Result<Vec
     sockets(proc, peers, &job, &mut reasons)?;
     mappings(proc, &job, &ours, &mut reasons);
     shared_memory(proc, &job, &mut reasons);
+    large_deleted_files(proc, &job, crate::criu::GHOST_LIMIT, &mut reasons);
     tracing::debug!(pid = root, processes = job.len(), reasons = reasons.len(), "migratability checked");
     Ok(reasons)
 }
@@ -1055,6 +1076,34 @@ fn files(job: &[Process], reasons: &mut Vec<Reason>) {
                     reasons.push(Reason::Terminal { pid: process.pid, fd: fd.fd, path: fd.link.clone() });
                 }
                 _ => {}
+            }
+        }
+    }
+}
+
+/// Files the job holds open or maps that have no name left and take more than `limit` bytes of disk (what
+/// CRIU compares with its ghost limit), each once. Memory that only looks like a deleted file (memfd, `SysV`,
+/// shared anonymous memory) is CRIU's shared memory, not a file, and a file still linked elsewhere is
+/// remapped, not copied.
+fn large_deleted_files(proc: &ProcFs, job: &[Process], limit: u64, reasons: &mut Vec<Reason>) {
+    let deleted = |path: &str| {
+        path.starts_with('/')
+            && path.ends_with(" (deleted)")
+            && !["/memfd:", "/SYSV", "/dev/zero "].iter().any(|memory| path.starts_with(memory))
+    };
+    let mut seen = HashSet::new();
+    for process in job {
+        let dir = proc.of(process.pid);
+        let open = process.fds.iter().filter(|fd| deleted(&fd.link)).map(|fd| (&fd.link, dir.join("fd").join(fd.fd.to_string())));
+        let mapped = process.maps.iter().filter(|m| deleted(&m.path)).map(|m| {
+            (&m.path, dir.join("map_files").join(format!("{:x}-{:x}", m.start, m.end)))
+        });
+        for (name, object) in open.chain(mapped) {
+            let Ok(meta) = fs::metadata(&object) else { continue };
+            let bytes = meta.blocks() * 512;
+            if meta.is_file() && meta.nlink() == 0 && bytes > limit && seen.insert((meta.dev(), meta.ino())) {
+                let path = name.strip_suffix(" (deleted)").unwrap_or(name).to_owned();
+                reasons.push(Reason::LargeDeletedFile { pid: process.pid, path, bytes });
             }
         }
     }
@@ -2048,6 +2097,48 @@ mod tests {
         assert_eq!(describe_shared("/SYSV0000162e (deleted)"), "SysV segment with key 0x0000162e");
         assert_eq!(describe_shared("/memfd:ring (deleted)"), "memfd ring");
         assert_eq!(describe_shared("/srv/db.lmdb"), "/srv/db.lmdb");
+    }
+
+    #[test]
+    fn deleted_files_larger_than_the_ghost_limit_once_each() {
+        use std::io::Write as _;
+        let scratch = tempfile::tempdir().unwrap();
+        // Files this test holds, reached through its own /proc/self/fd: the fake's links end in names that
+        // say " (deleted)", as the kernel's do.
+        let held = |name: &str, bytes: usize, keep_linked: bool| {
+            let path = scratch.path().join(name);
+            let mut file = File::create(&path).unwrap();
+            file.write_all(&vec![7u8; bytes]).unwrap();
+            file.sync_all().unwrap();
+            if keep_linked {
+                fs::hard_link(&path, scratch.path().join(format!("{name}-elsewhere"))).unwrap();
+            }
+            fs::remove_file(&path).unwrap();
+            let shown = scratch.path().join(format!("{name} (deleted)"));
+            symlink(format!("/proc/self/fd/{}", file.as_raw_fd()), &shown).unwrap();
+            (file, shown.to_str().unwrap().to_owned())
+        };
+        let (big_file, big) = held("big", 256 << 10, false);
+        let (_small, small) = held("small", 1000, false);
+        let (_linked, linked) = held("linked", 256 << 10, true);
+        let fake = FakeProc::new();
+        fake.process(10, &[]).fd(10, 3, &big).fd(10, 4, &big).fd(10, 5, &small).fd(10, 6, &linked);
+        fake.fd(10, 7, "/memfd:ring (deleted)");
+        // Mapped too, privately: still one file.
+        fake.write("10/maps", &format!("7f0000000000-7f0000001000 r--p 00000000 08:01 42 {big}\n"));
+        fake.link("10/map_files/7f0000000000-7f0000001000", &format!("/proc/self/fd/{}", big_file.as_raw_fd()));
+        let job = [read_process(&fake.proc(), 10).unwrap().unwrap()];
+        let mut reasons = Vec::new();
+        large_deleted_files(&fake.proc(), &job, 128 << 10, &mut reasons);
+        let [Reason::LargeDeletedFile { pid: 10, path, bytes }] = &reasons[..] else { panic!("{reasons:?}") };
+        assert_eq!(path, &scratch.path().join("big").display().to_string());
+        assert!(*bytes >= 256 << 10, "{bytes}");
+        let text = reasons[0].to_string();
+        assert!(text.starts_with(&format!("pid 10 holds {path}, deleted, of 1 MiB;")), "{text}");
+        // Under the limit, nothing: CRIU copies it.
+        let mut reasons = Vec::new();
+        large_deleted_files(&fake.proc(), &job, 1 << 20, &mut reasons);
+        assert_eq!(reasons, []);
     }
 
     // Against the real /proc, with real child processes.
