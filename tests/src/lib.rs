@@ -113,14 +113,85 @@ pub struct Cluster {
     cgroup: Cgroup,
 }
 
-/// The directory holding this test binary's sibling binaries (`target/<profile>`), for tests.
+/// The directory holding this test binary's sibling binaries (`target/<profile>`), for tests, as they were
+/// when this test process first asked: a snapshot of hard links, `target/<profile>/test-bins/<build>/`.
+/// Several people build in one checkout while tests run; a build replaces `target/<profile>/migd` and the
+/// others by new files, and a test must not start a new tool against an old daemon, lose a copied tool
+/// directory, or try to move a job whose program file is gone (CRIU refuses to dump a deleted executable of
+/// more than a megabyte).
 pub fn bin_dir_of_current_test() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let deps = exe.parent().expect("exe dir");
-    if deps.file_name().is_some_and(|n| n == "deps") {
-        deps.parent().expect("profile dir").to_owned()
-    } else {
-        deps.to_owned()
+    static SNAPSHOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SNAPSHOT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("current exe");
+            let dir = exe.parent().expect("exe dir");
+            let profile = if dir.file_name().is_some_and(|n| n == "deps") { dir.parent().expect("profile dir") } else { dir };
+            // A build replacing a binary between the listing and the link makes one attempt fail.
+            let mut attempts = 0;
+            loop {
+                match snapshot_of(profile) {
+                    Ok(dir) => break dir,
+                    Err(e) if attempts < 5 => {
+                        attempts += 1;
+                        eprintln!("taking a snapshot of the binaries in {} again: {e:#}", profile.display());
+                    }
+                    Err(e) => panic!("cannot take a snapshot of the binaries in {}: {e:#}", profile.display()),
+                }
+            }
+        })
+        .clone()
+}
+
+/// How long snapshots of binaries are kept: longer than any test run.
+pub(crate) const SNAPSHOT_LIFE: Duration = Duration::from_hours(2);
+
+/// Hard links to the executables of `profile`, in a directory named after their inodes (one per build, so
+/// the test binaries of one run share it), made once and atomically. Snapshots older than
+/// [`SNAPSHOT_LIFE`] are removed.
+fn snapshot_of(profile: &Path) -> anyhow::Result<PathBuf> {
+    use std::hash::{Hash as _, Hasher as _};
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let mut bins = Vec::new();
+    for entry in std::fs::read_dir(profile).with_context(|| format!("cannot list {}", profile.display()))? {
+        let entry = entry?;
+        let meta = std::fs::symlink_metadata(entry.path())?;
+        if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+            bins.push((entry.file_name(), meta.ino()));
+        }
+    }
+    bins.sort();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bins.hash(&mut hasher);
+    let root = profile.join("test-bins");
+    let dir = root.join(format!("{:016x}", hasher.finish()));
+    if dir.exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    remove_older_than(&root, SNAPSHOT_LIFE);
+    let tmp = root.join(format!("tmp-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    for (name, _) in &bins {
+        std::fs::hard_link(profile.join(name), tmp.join(name))
+            .with_context(|| format!("cannot link {} into {}", profile.join(name).display(), tmp.display()))?;
+    }
+    // Another test process may have made the same snapshot meanwhile: either is fine.
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        ensure!(dir.exists(), "cannot rename {} to {}: {e}", tmp.display(), dir.display());
+    }
+    Ok(dir)
+}
+
+/// Removes the entries of `dir` last changed more than `age` ago: snapshots that no test of a run still
+/// going can be using. Best effort: what cannot be removed stays for the next time.
+pub(crate) fn remove_older_than(dir: &Path, age: Duration) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let old = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|e| e > age));
+        if old {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

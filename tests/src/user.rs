@@ -62,7 +62,8 @@ fn create() -> anyhow::Result<TestUser> {
 }
 
 /// Copies of the workspace's tools (`mosrun`, `migrate`, `mosctl`) from `bin_dir` in a directory every user
-/// can reach, one per build (named after the binaries' sizes and times); older copies are removed.
+/// can reach, one per build (named after the binaries' sizes and times). Copies older than any test run are
+/// removed; newer ones may belong to tests still running, of this build or another.
 pub fn reachable_tools(bin_dir: &Path) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
     const TOOLS: [&str; 3] = ["mosrun", "migrate", "mosctl"];
@@ -81,9 +82,7 @@ pub fn reachable_tools(bin_dir: &Path) -> anyhow::Result<PathBuf> {
     if !dir.join(TOOLS[TOOLS.len() - 1]).exists() {
         std::fs::create_dir_all(root)?;
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))?;
-        for old in std::fs::read_dir(root)? {
-            let _ = std::fs::remove_dir_all(old?.path());
-        }
+        crate::remove_older_than(root, crate::SNAPSHOT_LIFE);
         let tmp = root.join(format!("tmp-{}", std::process::id()));
         std::fs::create_dir_all(&tmp)?;
         for tool in TOOLS {

@@ -18,8 +18,9 @@ fn cluster(name: &str, nodes: u32) -> Cluster {
         .unwrap_or_else(|e| panic!("cannot start test cluster {name}: {e:#}"))
 }
 
-fn job() -> String {
-    env!("CARGO_BIN_EXE_rmx-job").to_owned()
+/// `rmx-job`, from this test process's snapshot of the build.
+fn job() -> std::path::PathBuf {
+    bin_dir_of_current_test().join("rmx-job")
 }
 
 fn reference(args: &[&str]) -> String {
