@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask setup | test | demo | cluster ... | bench ... | fuzz`.
+//! Project automation: `cargo xtask setup | test | demo | faults | cluster ... | bench ... | fuzz`.
 //!
 //! Exit status: 0 on success, 1 on any failure (the error is printed), and for `cluster exec` the status
 //! of the command run on the node.
@@ -10,6 +10,7 @@ mod bench_migrate;
 mod benchmarks;
 mod criu;
 mod demo;
+mod faults;
 mod fuzz;
 mod setup;
 
@@ -44,6 +45,9 @@ enum Cmd {
         #[command(subcommand)]
         command: ClusterCmd,
     },
+    /// Faults during moves on a local 3-node cluster: a trial per fault and phase, checked for a lost or
+    /// doubled job and for leftovers; a full run writes its table into RELIABILITY.md.
+    Faults(faults::FaultsArgs),
     /// Benchmarks; each ends with one line `NAME: <figure> (target <target>)` and updates BENCHMARKS.md.
     Bench {
         #[command(subcommand)]
@@ -217,6 +221,7 @@ fn main() -> anyhow::Result<()> {
             run_tests(&args)
         }
         Cmd::Demo(args) => demo::run(&args),
+        Cmd::Faults(args) => faults::run(&args),
         Cmd::Cluster { command } => cluster(command),
         Cmd::Bench { bench: Bench::Gossip(args) } => bench_gossip::run(&args),
         Cmd::Bench { bench: Bench::Infod(args) } => bench_infod::run(&args),
