@@ -383,6 +383,23 @@ fn clock_seed() -> u64 {
     (now.as_secs() << 20) ^ u64::from(now.subsec_nanos()) ^ u64::from(std::process::id())
 }
 
+impl FaultsArgs {
+    /// What `cargo xtask test` runs: `trials` trials with a fresh seed, without writing RELIABILITY.md.
+    pub fn for_test(trials: u32) -> Self {
+        Self {
+            trials: Some(trials),
+            seed: None,
+            fault: None,
+            phase: None,
+            trial: None,
+            mem_mib: 256,
+            fault_secs: 3,
+            silence_secs: 10,
+            no_write: true,
+        }
+    }
+}
+
 // ---- the cluster of a trial ----------------------------------------------------------------------------
 
 /// A trial's cluster with its faults undone and its stores unmounted when dropped (before the cluster
@@ -1561,17 +1578,7 @@ mod tests {
     use super::*;
 
     fn args() -> FaultsArgs {
-        FaultsArgs {
-            trials: None,
-            seed: None,
-            fault: None,
-            phase: None,
-            trial: None,
-            mem_mib: 256,
-            fault_secs: 3,
-            silence_secs: 10,
-            no_write: true,
-        }
+        FaultsArgs { trials: None, ..FaultsArgs::for_test(1) }
     }
 
     #[test]
