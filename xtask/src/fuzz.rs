@@ -255,14 +255,17 @@ fn read_figures(line: &str, outcome: &mut Outcome) {
     }
 }
 
-/// Merges the kept corpus and the run's scratch corpus into a fresh minimal one (libFuzzer's `-merge=1`:
-/// only inputs that add coverage) and makes it the kept corpus.
+/// Merges the kept corpus and the run's scratch corpus into a fresh small one and makes it the kept corpus:
+/// libFuzzer's `-set_cover_merge=1` with hit counts left out (`-use_counters=0`), an approximately
+/// smallest set of inputs that reaches every edge any of them reaches. Counting hit counts too kept five
+/// times as many files.
 fn minimize(name: &str, merged: &Path, kept: &Path, work: &Path) -> anyhow::Result<()> {
     if merged.exists() {
         std::fs::remove_dir_all(merged).with_context(|| format!("cannot empty {}", merged.display()))?;
     }
     std::fs::create_dir_all(merged)?;
-    let flags = ["-merge=1".to_owned(), format!("-timeout={INPUT_TIMEOUT_SECS}")];
+    let flags =
+        ["-set_cover_merge=1".to_owned(), "-use_counters=0".to_owned(), format!("-timeout={INPUT_TIMEOUT_SECS}")];
     let out = cargo_fuzz_run(name, &[merged, kept, work], &flags).output().context("cannot run cargo fuzz")?;
     ensure!(
         out.status.success(),

@@ -86,7 +86,7 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "migd_messages",
-        feeds: "migd's JSON frame payloads (`Offer`, `Verdict`, `Attach`, `Moved`, signals, exit codes, targets)",
+        feeds: "migd's JSON frame payloads (`Offer`, `Verdict`, `Attach`, `Moved`, `Go`, `Ask`, `RecordState`, ...)",
         run: protocol::run,
         seeds: protocol::seeds,
         tokens: protocol::TOKENS,
@@ -100,14 +100,14 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "migd_channel",
-        feeds: "two real migd channel ends with the bytes between them flipped or cut",
+        feeds: "two real migd channel ends, the bytes between them flipped, cut, dropped or replayed",
         run: channel::run,
         seeds: channel::seeds,
         tokens: &[],
     },
     Target {
         name: "image_stream",
-        feeds: "image streams (`transfer::unpack_with_limits`): hostile bytes, and packed sets tampered with",
+        feeds: "image streams (`transfer::unpack_with`): hostile bytes, tampered packed sets, sealed hostile contents",
         run: image::run,
         seeds: image::seeds,
         tokens: image::TOKENS,
