@@ -240,10 +240,13 @@ impl Job {
                 if libc::setsid() < 0 {
                     return say(123, b"rmosix: cannot start a session for the job\n");
                 }
+                // Raw system calls, not libc's wrappers: glibc's setgroups/setgid/setuid make every thread
+                // it knows of change too, and this child of a bare clone has none of the supervisor's
+                // threads; it waits forever for one that was being created at the clone (seen under load).
                 if let Some(c) = &creds
-                    && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                        || libc::setgid(c.gid) != 0
-                        || libc::setuid(c.uid) != 0)
+                    && (libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
+                        || libc::syscall(libc::SYS_setresgid, c.gid, c.gid, c.gid) != 0
+                        || libc::syscall(libc::SYS_setresuid, c.uid, c.uid, c.uid) != 0)
                 {
                     return say(124, b"rmosix: cannot take the owner's identity\n");
                 }
