@@ -9,8 +9,11 @@
 //! Encryption: migd always encrypts, so its cost is measured on the transfer alone, in the same run:
 //! `transfer::pack` and `transfer::unpack` of one image set over TCP loopback, encrypted (AES-256-GCM, what
 //! migd sends) and authenticated only (a keyed BLAKE3 tag per record, what image streams had before), the
-//! two interleaved on the same files. The difference is what encryption adds to a move's freeze, which the
-//! summary sets against the freeze of the move of the same size measured above.
+//! two interleaved on the same files. Each end's thread CPU time is measured beside the wall time: on a
+//! shared 2-core machine the wall time mostly measures the other load, while CPU time is what the work
+//! costs. In a move the two ends run on different nodes' CPUs at once, so the transfer grows by at most the
+//! larger of the two ends' extra CPU time; the summary sets that against the freeze of the move of the same
+//! size measured above.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -66,12 +69,51 @@ struct MoveRow {
     median: Move,
 }
 
+/// One transfer: wall time, and the CPU time of each end's thread.
+#[derive(Debug, Clone, Copy)]
+struct Transfer {
+    wall: Duration,
+    sender: Duration,
+    receiver: Duration,
+}
+
+impl Transfer {
+    /// The median of each figure on its own.
+    fn median(runs: &[Transfer]) -> Transfer {
+        Transfer {
+            wall: median(runs.iter().map(|t| t.wall).collect()),
+            sender: median(runs.iter().map(|t| t.sender).collect()),
+            receiver: median(runs.iter().map(|t| t.receiver).collect()),
+        }
+    }
+}
+
 /// The median transfers of one image set size.
 #[derive(Debug, Clone, Copy)]
 struct TransferRow {
     size: u64,
-    authenticated: Duration,
-    encrypted: Duration,
+    authenticated: Transfer,
+    encrypted: Transfer,
+    /// Median over the runs of encrypted less authenticated-only CPU time of the sender, ms: each run's two
+    /// transfers ran back to back, so the difference cancels most of the other load's drift.
+    added_sender: f64,
+    /// The same for the receiver.
+    added_receiver: f64,
+}
+
+impl TransferRow {
+    /// What encryption adds to the busier end's CPU time, in ms: the most it can add to a move.
+    fn added_ms(&self) -> f64 {
+        self.added_sender.max(self.added_receiver)
+    }
+}
+
+/// The median of each run's difference between the encrypted and the authenticated-only transfer.
+fn paired_difference(authenticated: &[Transfer], encrypted: &[Transfer], end: fn(&Transfer) -> Duration) -> f64 {
+    let mut differences: Vec<f64> =
+        authenticated.iter().zip(encrypted).map(|(a, e)| ms(end(e)) - ms(end(a))).collect();
+    differences.sort_by(f64::total_cmp);
+    differences[differences.len() / 2]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -93,8 +135,10 @@ pub fn run(args: &MigrateBenchArgs) -> anyhow::Result<()> {
     ensure!(args.runs >= 1 && args.transfer_runs >= 1, "--runs and --transfer-runs must be at least 1");
     crate::setup::run()?;
     crate::build_release()?;
-    // Before the cluster: the transfers have the machine to themselves.
+    // Before the cluster, so that no job of ours competes with the transfers.
+    let load_before = load_average();
     let transfers = measure_transfers(&args.transfer_sizes, args.transfer_runs)?;
+    let load = format!("{load_before} before the transfers, {} after", load_average());
     let moves = measure_moves(&args.sizes, args.runs)?;
 
     let (moves_table, headline) = moves_table(&moves);
@@ -124,9 +168,16 @@ pub fn run(args: &MigrateBenchArgs) -> anyhow::Result<()> {
          receiver on their own threads), in the same run: *encrypted* is what migd sends (AES-256-GCM from \
          `ring`, 1 MiB records); *authenticated only* is the same stream with a keyed BLAKE3 tag per record \
          instead, as image streams were before. The two alternate, the median of {} transfers each, after one \
-         unmeasured transfer each (the first writes to fresh tmpfs pages are slow on these machines). *Share of \
-         the freeze*: what encryption adds, against the freeze of the move of that size above less that \
-         addition (the same move without encryption).\n\n{encryption_table}\n\
+         unmeasured transfer each (the first writes to fresh tmpfs pages are slow on these machines). *Wall*: \
+         until both ends are done; *sender*, *receiver*: CPU time of each end's thread \
+         (`CLOCK_THREAD_CPUTIME_ID`). The machine was shared with other work (load average {load}), which \
+         the wall times measure more than the transfer; CPU time is what the work itself costs. In a move the \
+         two ends run at once on different nodes' CPUs, so encryption makes the transfer longer by at most \
+         the larger of the two ends' extra CPU time: *encryption adds*. *CPU added* is the median of each run's \
+         difference (its two transfers ran back to back), not the difference of the medians. *Share of the \
+         freeze*: that, against \
+         the freeze of the move of that size above less that addition (the same move without encryption).\n\n\
+         {encryption_table}\n\
          Summary: `{migrate_summary}`\n\nSummary: `{encryption}`\n",
         crate::benchmarks::machine(),
         args.runs,
@@ -198,22 +249,25 @@ fn moves_table(rows: &[MoveRow]) -> (String, Option<(u64, Duration, Move, f64)>)
 /// freeze of the move of that size.
 fn encryption_table(transfers: &[TransferRow], moves: &[MoveRow]) -> (String, String) {
     let mut table = String::from(
-        "| image set | authenticated only | encrypted | encryption adds | encrypted throughput | move frozen | share of the freeze |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| image set | authenticated only: wall, sender, receiver | encrypted: wall, sender, receiver | CPU added: sender, receiver | encryption adds | encrypted, per CPU of the busier end | move frozen | share of the freeze |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
+    let figures = |t: &Transfer| format!("{:.0} ms, {:.0} ms, {:.0} ms", ms(t.wall), ms(t.sender), ms(t.receiver));
     let mut headline = None;
     for row in transfers {
-        let added = ms(row.encrypted) - ms(row.authenticated);
-        let throughput = mib(row.size) * 1_048_576e-9 / row.encrypted.as_secs_f64();
+        let added = row.added_ms();
+        let busier = row.encrypted.sender.max(row.encrypted.receiver);
+        let throughput = mib(row.size) * 1_048_576e-9 / busier.as_secs_f64();
         let frozen = moves.iter().find(|m| m.size == row.size).map(|m| ms(m.median.frozen));
         let share = frozen.map(|f| 100.0 * added / (f - added));
         let _ = writeln!(
             table,
-            "| {} MiB | {:.0} ms | {:.0} ms | {added:+.0} ms ({:+.0} %) | {throughput:.2} GB/s | {} | {} |",
+            "| {} MiB | {} | {} | {:+.0} ms, {:+.0} ms | {added:+.0} ms | {throughput:.2} GB/s | {} | {} |",
             row.size,
-            ms(row.authenticated),
-            ms(row.encrypted),
-            100.0 * added / ms(row.authenticated),
+            figures(&row.authenticated),
+            figures(&row.encrypted),
+            row.added_sender,
+            row.added_receiver,
             frozen.map_or_else(|| "not measured".to_owned(), |f| format!("{f:.0} ms")),
             share.map_or_else(|| "-".to_owned(), |s| format!("{s:+.1} %")),
         );
@@ -225,11 +279,12 @@ fn encryption_table(transfers: &[TransferRow], moves: &[MoveRow]) -> (String, St
     }
     let summary = match headline {
         Some((row, added, frozen, share)) => format!(
-            "migrate encryption: AES-256-GCM adds {added:.0} ms to moving {} MiB of images ({:.0} -> {:.0} ms), \
-             {share:.1} % of that move's freeze without it ({:.0} ms) (target <= {TARGET_PERCENT:.0} % at 1024 MiB): {}",
+            "migrate encryption: AES-256-GCM adds at most {added:.0} ms to moving {} MiB of images (CPU of the \
+             sender {:+.0} ms, of the receiver {:+.0} ms), {share:.1} % of that move's freeze without it ({:.0} ms) \
+             (target <= {TARGET_PERCENT:.0} % at 1024 MiB): {}",
             row.size,
-            ms(row.authenticated),
-            ms(row.encrypted),
+            row.added_sender,
+            row.added_receiver,
             frozen - added,
             verdict(row.size == 1024 && share <= TARGET_PERCENT)
         ),
@@ -240,6 +295,23 @@ fn encryption_table(transfers: &[TransferRow], moves: &[MoveRow]) -> (String, St
         ),
     };
     (table, summary)
+}
+
+/// The system's load averages over 1, 5 and 15 minutes, as `/proc/loadavg` gives them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".to_owned(),
+        |text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which lives through the call.
+    let done = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut now) };
+    assert_eq!(done, 0, "CLOCK_THREAD_CPUTIME_ID is always there on Linux");
+    Duration::new(u64::try_from(now.tv_sec).unwrap_or(0), u32::try_from(now.tv_nsec).unwrap_or(0))
 }
 
 /// Transfers image sets of each size, encrypted and authenticated only, interleaved.
@@ -256,14 +328,26 @@ fn measure_transfers(sizes: &[u64], runs: usize) -> anyhow::Result<Vec<TransferR
         for run in 0..runs {
             for protection in ORDERS[run % 2] {
                 let took = transfer_once(source.path(), protection)?;
-                eprintln!("bench migrate: transfer of {size} MiB, {protection:?}, run {}: {:.0} ms", run + 1, ms(took));
+                eprintln!(
+                    "bench migrate: transfer of {size} MiB, {protection:?}, run {}: wall {:.0} ms, sender CPU {:.0} ms, receiver CPU {:.0} ms",
+                    run + 1,
+                    ms(took.wall),
+                    ms(took.sender),
+                    ms(took.receiver)
+                );
                 match protection {
                     Protection::Authenticated => authenticated.push(took),
                     Protection::Encrypted => encrypted.push(took),
                 }
             }
         }
-        rows.push(TransferRow { size, authenticated: median(authenticated), encrypted: median(encrypted) });
+        rows.push(TransferRow {
+            size,
+            authenticated: Transfer::median(&authenticated),
+            encrypted: Transfer::median(&encrypted),
+            added_sender: paired_difference(&authenticated, &encrypted, |t| t.sender),
+            added_receiver: paired_difference(&authenticated, &encrypted, |t| t.receiver),
+        });
     }
     Ok(rows)
 }
@@ -293,31 +377,35 @@ fn image_set(size: u64) -> anyhow::Result<ImageDir> {
     Ok(dir)
 }
 
-/// One pack and unpack of `source` over TCP loopback with `protection`; the time until both ends are done.
-fn transfer_once(source: &Path, protection: Protection) -> anyhow::Result<Duration> {
+/// One pack and unpack of `source` over TCP loopback with `protection`.
+fn transfer_once(source: &Path, protection: Protection) -> anyhow::Result<Transfer> {
     let dest = ImageDir::create(Path::new(PLAIN_TMPFS))?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let address = listener.local_addr()?;
     let key: StreamKey = rand::random();
     let start = Instant::now();
-    let received = std::thread::scope(|scope| {
-        let sender = scope.spawn(|| -> anyhow::Result<transfer::Stats> {
+    let (arrived, sender_cpu, receiver_cpu) = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| -> anyhow::Result<(transfer::Stats, Duration)> {
+            let cpu = thread_cpu();
             let mut stream = TcpStream::connect(address)?;
             stream.set_nodelay(true)?;
-            Ok(transfer::pack_with(source, &mut stream, &key, protection)?)
+            let sent = transfer::pack_with(source, &mut stream, &key, protection)?;
+            Ok((sent, thread_cpu().saturating_sub(cpu)))
         });
+        let cpu = thread_cpu();
         let (mut conn, _) = listener.accept()?;
         conn.set_nodelay(true)?;
-        let received = transfer::unpack_with(&mut conn, dest.path(), &key, &Limits::default(), protection)?;
-        let sent = sender.join().map_err(|_| anyhow::anyhow!("the sender panicked"))??;
-        ensure!(sent.checksum == received.checksum, "the two ends disagree on the stream");
-        anyhow::Ok(received)
+        let arrived = transfer::unpack_with(&mut conn, dest.path(), &key, &Limits::default(), protection)?;
+        let receiver_cpu = thread_cpu().saturating_sub(cpu);
+        let (sent, sender_cpu) = sender.join().map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+        ensure!(sent.checksum == arrived.checksum, "the two ends disagree on the stream");
+        anyhow::Ok((arrived, sender_cpu, receiver_cpu))
     })?;
-    let took = start.elapsed();
-    if received.files != 4 {
-        bail!("{} files arrived, 4 were sent", received.files);
+    let wall = start.elapsed();
+    if arrived.files != 4 {
+        bail!("{} files arrived, 4 were sent", arrived.files);
     }
-    Ok(took)
+    Ok(Transfer { wall, sender: sender_cpu, receiver: receiver_cpu })
 }
 
 fn migrate_once(cluster: &Cluster, bins: &Path, size: u64, reference: &[String]) -> anyhow::Result<Move> {
