@@ -999,10 +999,12 @@ enum Output {
     Identical,
     /// The first `n` lines, then nothing.
     Cut(usize),
+    /// Lines in order but with gaps: how many are missing, and the first missing one (0-based).
+    Gaps { missing: usize, first: usize },
     /// A line came twice (two copies, or one replayed).
     Repeated(String),
-    /// Differs first at this line (0-based).
-    Differs(usize),
+    /// Differs first at this line (0-based): what came, what was expected.
+    Differs { at: usize, got: String, expected: String },
 }
 
 fn compare(output: &[String], reference: &[String]) -> Output {
@@ -1016,7 +1018,25 @@ fn compare(output: &[String], reference: &[String]) -> Output {
     if output.len() < reference.len() && reference.starts_with(output) {
         return Output::Cut(output.len());
     }
-    Output::Differs(output.iter().zip(reference).position(|(a, b)| a != b).unwrap_or(output.len().min(reference.len())))
+    // The unmoved run's lines, some left out?
+    let mut next = reference.iter().enumerate();
+    let mut missing = Vec::new();
+    let in_order = output.iter().all(|line| {
+        for (i, expected) in next.by_ref() {
+            if expected == line {
+                return true;
+            }
+            missing.push(i);
+        }
+        false
+    });
+    if in_order {
+        missing.extend(next.map(|(i, _)| i));
+        return Output::Gaps { missing: missing.len(), first: missing[0] };
+    }
+    let at = output.iter().zip(reference).position(|(a, b)| a != b).unwrap_or(output.len().min(reference.len()));
+    let line = |lines: &[String]| lines.get(at).cloned().unwrap_or_else(|| "(nothing)".into());
+    Output::Differs { at, got: line(output), expected: line(reference) }
 }
 
 /// What happened in one trial.
@@ -1105,7 +1125,12 @@ impl Outcome {
             Some(Output::Identical) | None => {}
             Some(Output::Cut(n)) => out.push(format!("output: only the first {n} of {LINES} lines")),
             Some(Output::Repeated(l)) => out.push(format!("output: line {l:?} came twice")),
-            Some(Output::Differs(n)) => out.push(format!("output: differs from an unmoved run's at line {}", n + 1)),
+            Some(Output::Gaps { missing, first }) => {
+                out.push(format!("output: {missing} of {LINES} lines missing, the first of them line {}", first + 1));
+            }
+            Some(Output::Differs { at, got, expected }) => {
+                out.push(format!("output: line {} is {got:?}, not {expected:?} as in an unmoved run", at + 1));
+            }
         }
         if !self.left.is_empty() {
             out.push(format!("left behind: {}", self.left.join("; ")));
@@ -1492,10 +1517,11 @@ fn section(args: &FaultsArgs, seed: u64, summary: &Summary) -> String {
          --trial N`). Each trial moves a job of the test user (python3 with {} MiB resident, printing {LINES} numbered \
          lines at {GAP_SECS} s intervals, each with a hash of a different MiB of its memory) between two nodes of a fresh \
          3-node local cluster with `migrate`, strikes with one fault at a phase of the move chosen at random, heals it \
-         after {} s, and checks: exactly one copy ran and the job finished (no two copies running at once, seen in \
-         the job cgroups every {} ms; the deputy exited 0); its output at the deputy is identical to an unmoved run's; \
-         nothing is left (no process of the job, stopped or not, no `images-*` directory in any node's store, no job \
-         cgroup, no namespace). The nodes' `silence_secs` is {}. The phase counted is the one the strike came in, from \
+         after {} s (a full store or a starved node once the destination has tried its transfer or restore), and \
+         checks: exactly one copy ran and the job finished (never two copies running at once, looked for in the \
+         nodes' cgroups every {} ms; the deputy exited 0); its output at the deputy is identical to an unmoved run's; \
+         nothing is left once the deputy has ended and two silence limits have passed (no process of the job, stopped \
+         or not, no `images-*` directory in any node's store, no job cgroup, no namespace). The nodes' `silence_secs` is {}. The phase counted is the one the strike came in, from \
          the migd logs' timestamps; migd pauses {PAUSE_MS} ms at the start of the phase aimed at (`RMOSIX_PHASE_DELAY`) \
          so that the strike lands in it.\n",
         crate::benchmarks::machine(),
@@ -1679,8 +1705,14 @@ mod tests {
         assert_eq!(compare(&reference[..2], &reference), Output::Cut(2));
         let twice: Vec<String> = ["0 a", "1 b", "1 b", "2 c"].map(String::from).to_vec();
         assert_eq!(compare(&twice, &reference), Output::Repeated("1 b".into()));
+        let gaps: Vec<String> = ["0 a", "2 c"].map(String::from).to_vec();
+        assert_eq!(compare(&gaps, &reference), Output::Gaps { missing: 1, first: 1 });
         let wrong: Vec<String> = ["0 a", "1 x", "2 c"].map(String::from).to_vec();
-        assert_eq!(compare(&wrong, &reference), Output::Differs(1));
+        assert_eq!(compare(&wrong, &reference), Output::Differs { at: 1, got: "1 x".into(), expected: "1 b".into() });
+        assert_eq!(
+            compare(&reference[1..], &reference[..2]),
+            Output::Differs { at: 0, got: "1 b".into(), expected: "0 a".into() }
+        );
     }
 
     #[test]
