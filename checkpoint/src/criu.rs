@@ -255,7 +255,8 @@ impl Criu {
         opts.set_file_locks(true);
         // A file the job holds whose name is gone moves too: one that has no name left is copied into the
         // images (a ghost file, up to GHOST_LIMIT); one still linked under another name gets a temporary
-        // name beside its old one (`link_remap.N`), which the restore opens and removes.
+        // name beside its old one (`link_remap.N`), which the restore opens and removes, and which
+        // `Frozen::abort` removes when the job stays.
         opts.set_link_remap(true);
         opts.set_ghost_limit(u32::try_from(GHOST_LIMIT).unwrap_or(u32::MAX));
         // The job lands in the cgroups of the node that restores it, not of the node it came from.

@@ -23,7 +23,13 @@
 //! the program's status into it before it exits. So the status reaches whoever holds the read end, not only
 //! the job's parent: a supervisor that restarted and took up a job it did not start ([`Job::adopt`]) learns
 //! how it ended too.
+//!
+//! A move changes nothing the job can see, its processes' states included: a process the job had stopped
+//! (a child it sent SIGSTOP) stays stopped. CRIU records each process's state in the images; a dump or
+//! restore that leaves the whole tree stopped (`leave_stopped`) stops everyone, so [`Frozen`] and
+//! [`Job::resume`] continue only the processes the images say were running.
 
+use std::collections::HashSet;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd as _, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -34,12 +40,16 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use crate::criu::{Criu, CriuError, DumpRequest, Owner, Placement, RestoreRequest};
+use crate::criu::{Criu, CriuError, DumpRequest, Owner, Placement, RestoreRequest, image};
 use crate::images::ImageDir;
 use crate::migratable;
 
 /// Name of the file beside the images that records the job's pipe inodes.
 pub const META_FILE: &str = "rmosix-job.meta";
+
+/// The value of the SIGCONT that resumes a job's init after a dump or restore (sent with `sigqueue`):
+/// `rmosix-init` does not pass it on to the job's processes, each of which is continued, or not, on its own.
+pub const RESUME: usize = 0x524d_5852;
 
 /// Whose job it is: the identity the program runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +102,9 @@ pub struct Job {
     status: File,
     /// Whose it is: CRIU dumps the job of an ordinary user with that user's uid and gid (see [`Criu::dump`]).
     owner: Option<Owner>,
+    /// PIDs, in the job's own PID namespace, of the processes that were stopped when the images it was
+    /// restored from were made: [`Job::resume`] leaves them stopped. Empty for a job started here.
+    stopped: HashSet<i32>,
 }
 
 /// A job that could not be started, dumped or restored.
@@ -272,13 +285,13 @@ impl Job {
         let inodes = pipes.inodes();
         drop(pipes.job);
         let owner = spec.credentials.as_ref().map(|c| Owner { uid: c.uid, gid: c.gid });
-        Ok((Self { pid, pipes: inodes, status: pipes.status, owner }, pipes.ours))
+        Ok((Self { pid, pipes: inodes, status: pipes.status, owner, stopped: HashSet::new() }, pipes.ours))
     }
 
     /// Takes up a job this process did not start (a supervisor that restarted): its init's PID, the
     /// inodes of its pipes as [`Job::pipes`] gave them, whose it is, and the read end of its status pipe.
     pub fn adopt(pid: i32, pipes: [u64; 4], owner: Option<Owner>, status: OwnedFd) -> Self {
-        Self { pid: Pid::from_raw(pid), pipes, status: File::from(status), owner }
+        Self { pid: Pid::from_raw(pid), pipes, status: File::from(status), owner, stopped: HashSet::new() }
     }
 
     /// Inodes of the pipes the job holds (stdin, stdout, stderr, status), for [`Job::adopt`].
@@ -359,14 +372,19 @@ impl Job {
             placement,
             owner: self.owner,
         };
-        match criu.dump(&request) {
-            Ok(()) => Ok(Frozen { pid: self.pid, done: false }),
-            Err(e) => {
-                // A failed dump may leave the tree stopped: it must keep running where it was.
-                resume_tree(self.pid);
-                Err(e.into())
-            }
-        }
+        // What was stopped before the dump stays stopped, whatever happens.
+        let stopped_before = stopped_processes(self.pid);
+        let frozen = criu.dump(&request).and_then(|()| {
+            let stopped = image::stopped_tasks(images.path())?;
+            let link_remaps = image::link_remaps(images.path())?;
+            Ok(Frozen { pid: self.pid, done: false, stopped: host_pids(self.pid, &stopped), link_remaps })
+        });
+        frozen.map_err(|e| {
+            // A failed dump may leave the tree stopped: it must keep running where it was. (CRIU removes the
+            // link remaps of a dump that fails.)
+            resume_tree(self.pid, &stopped_before);
+            e.into()
+        })
     }
 
     /// Restores the job whose images are in `images`, as a child of the caller, placed as `placement` says
@@ -392,9 +410,10 @@ impl Job {
         Self::restore_with(criu, images, placement, owner, true)
     }
 
-    /// Resumes every process of a stopped job.
+    /// Resumes a job restored stopped: every process but those that were stopped when its images were made,
+    /// which stay stopped until the job (or its owner) continues them.
     pub fn resume(&self) {
-        resume_tree(self.pid);
+        resume_tree(self.pid, &host_pids(self.pid, &self.stopped));
     }
 
     fn restore_with(
@@ -422,10 +441,19 @@ impl Job {
             placement,
             leave_stopped,
         };
-        let pid = criu.restore(&request)?;
+        let pid = Pid::from_raw(criu.restore(&request)?);
+        let stopped = match image::stopped_tasks(images.path()) {
+            Ok(stopped) => stopped,
+            Err(e) => {
+                // CRIU read these images; if we cannot, the job must not run half right.
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(pid, None);
+                return Err(e.into());
+            }
+        };
         let inodes = pipes.inodes();
         drop(pipes.job);
-        Ok((Self { pid: Pid::from_raw(pid), pipes: inodes, status: pipes.status, owner }, pipes.ours))
+        Ok((Self { pid, pipes: inodes, status: pipes.status, owner, stopped }, pipes.ours))
     }
 }
 
@@ -434,10 +462,17 @@ impl Job {
 pub struct Frozen {
     pid: Pid,
     done: bool,
+    /// Host PIDs of the job's processes that were stopped before the dump: resuming leaves them stopped.
+    stopped: HashSet<i32>,
+    /// The temporary names the dump gave to files the job holds whose own names are gone (in the job's mount
+    /// namespace): the restore removes them, and so must a job that stays.
+    link_remaps: Vec<PathBuf>,
 }
 
 impl Frozen {
-    /// The job runs elsewhere now: end this copy (the whole PID namespace goes with its init) and reap it.
+    /// The job runs elsewhere now, or is about to: end this copy (the whole PID namespace goes with its
+    /// init) and reap it, so that what it holds (file locks, FIFOs and their data) is free for the restore.
+    /// The images stay valid: the temporary names of files whose names were gone are kept for the restore.
     pub fn commit(mut self) -> Result<(), JobError> {
         self.done = true;
         nix::sys::signal::kill(self.pid, Signal::SIGKILL)
@@ -446,10 +481,19 @@ impl Frozen {
         Ok(())
     }
 
-    /// The move failed: resume the job where it was.
+    /// The move failed: resume the job where it was, as it was.
     pub fn abort(mut self) {
+        self.resume();
+    }
+
+    fn resume(&mut self) {
         self.done = true;
-        resume_tree(self.pid);
+        // Through the job's own root, while its mount namespace is still there.
+        for name in &self.link_remaps {
+            let path = Path::new("/proc").join(self.pid.to_string()).join("root").join(name.strip_prefix("/").unwrap_or(name));
+            let _ = std::fs::remove_file(path);
+        }
+        resume_tree(self.pid, &self.stopped);
     }
 }
 
@@ -457,7 +501,7 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         // Neither committed nor aborted (an early return, a panic): never leave a job stopped for good.
         if !self.done {
-            resume_tree(self.pid);
+            self.resume();
         }
     }
 }
@@ -532,11 +576,50 @@ pub fn mounts_to_hide(mountinfo: &str) -> Vec<PathBuf> {
     hide
 }
 
-/// Sends SIGCONT to every process of the tree rooted at `root`.
-fn resume_tree(root: Pid) {
+/// Sends SIGCONT to every process of the tree rooted at `root` but those in `stopped` (host PIDs). The
+/// root, the job's init, gets it as [`RESUME`], or it would continue every process of the job itself.
+fn resume_tree(root: Pid, stopped: &HashSet<i32>) {
     for pid in migratable::job_processes(root.as_raw()).unwrap_or_else(|_| vec![root.as_raw()]) {
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGCONT);
+        if stopped.contains(&pid) {
+            continue;
+        }
+        if pid == root.as_raw() {
+            let value = libc::sigval { sival_ptr: RESUME as *mut libc::c_void };
+            // SAFETY: sigqueue(3) with a plain value.
+            unsafe { libc::sigqueue(pid, libc::SIGCONT, value) };
+        } else {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGCONT);
+        }
     }
+}
+
+/// Host PIDs of the processes of the tree rooted at `root` that are stopped now (state `T`).
+fn stopped_processes(root: Pid) -> HashSet<i32> {
+    let processes = migratable::job_processes(root.as_raw()).unwrap_or_default();
+    processes
+        .into_iter()
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+        .collect()
+}
+
+/// Host PIDs of the processes of the job rooted at `root` whose PIDs in the job's namespace are `inner`.
+fn host_pids(root: Pid, inner: &HashSet<i32>) -> HashSet<i32> {
+    if inner.is_empty() {
+        return HashSet::new();
+    }
+    let processes = migratable::job_processes(root.as_raw()).unwrap_or_default();
+    processes
+        .into_iter()
+        .filter(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            // `NSpid:` lists the PID in each namespace from ours down; the last is the job's.
+            let own = status.lines().find_map(|l| l.strip_prefix("NSpid:")).and_then(|l| l.split_whitespace().last()?.parse().ok());
+            own.is_some_and(|own| inner.contains(&own))
+        })
+        .collect()
 }
 
 /// Opens the placement of a node: its network namespace file and its cgroups' `cgroup.procs`.

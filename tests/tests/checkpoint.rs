@@ -4,8 +4,10 @@
 //! running; a restore that fails leaves the original to resume, and no zombie.
 //!
 //! A move changes nothing the job can see, as the job itself checks (real programs, python3, in
-//! `programs/`): its flock and POSIX locks are still its own; a full FIFO holds its data once. These move
-//! jobs the way migd does: the frozen copy ends before the restore.
+//! `programs/`): a child it stopped is still stopped, after a move and after one given up; files whose
+//! names are gone read back, and the temporary names the dump gave them are gone; its flock and POSIX locks
+//! are still its own; a full FIFO holds its data once. These move jobs the way migd does: the frozen copy
+//! ends before the restore.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -340,9 +342,40 @@ fn move_letting_go_first(criu: &Criu, job: &Job) -> (Job, Stdio) {
     (restored, stdio)
 }
 
+/// A dump that is given up: the job resumes where it was.
+fn failed_move(criu: &Criu, job: &Job) {
+    let images = ImageDir::create(Path::new(IMAGES)).unwrap();
+    job.dump(criu, &images, &Placement::default()).unwrap_or_else(|e| panic!("{e}")).abort();
+}
+
 /// The job's stdin, one line at a time.
 fn say(stdin: &mut File, line: &str) {
     writeln!(stdin, "{line}").unwrap();
+}
+
+const STOPPED_CHILD: &str = include_str!("programs/stopped_child.py");
+
+#[test]
+fn a_child_the_job_stopped_stays_stopped_after_a_failed_move_and_after_a_move() {
+    let criu = criu();
+    let (job, stdio) = Job::spawn(&python(STOPPED_CHILD, &[]), &Placement::default()).unwrap();
+    let rx = reader(stdio.stdout);
+    let mut input = File::from(stdio.stdin);
+    let mut seen = Vec::new();
+    take(&rx, 1, &mut seen);
+    failed_move(&criu, &job);
+    say(&mut input, "after a failed move");
+    take(&rx, 1, &mut seen);
+    let (moved, stdio) = move_letting_go_first(&criu, &job);
+    drain(&rx, &mut seen);
+    let rx = reader(stdio.stdout);
+    let mut input = File::from(stdio.stdin);
+    say(&mut input, "after a move");
+    take(&rx, 1, &mut seen);
+    drop(input);
+    drain(&rx, &mut seen);
+    assert_eq!(moved.wait().unwrap(), 0);
+    assert_eq!(seen, ["child T", "child T", "child T", "child exited 7"], "the job sees its child stopped throughout");
 }
 
 /// Zombies among this process's children, in a PID namespace below ours (what a failed restore of a job
@@ -391,6 +424,46 @@ fn a_restore_that_fails_after_forking_the_job_leaves_no_zombie_and_the_original_
     drain(&rx, &mut seen);
     assert_eq!(job.wait().unwrap(), 0);
     assert_eq!(seen, expected);
+}
+
+const UNLINKED: &str = include_str!("programs/unlinked.py");
+
+#[test]
+fn files_whose_names_are_gone_move_and_read_back_and_leave_no_temporary_names() {
+    let criu = criu();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (job, stdio) = Job::spawn(&python(UNLINKED, &[dir.path().to_str().unwrap()]), &Placement::default()).unwrap();
+    let rx = reader(stdio.stdout);
+    let mut input = File::from(stdio.stdin);
+    let mut seen = Vec::new();
+    take(&rx, 4, &mut seen);
+    let listing = || {
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    };
+    // The dump names `c` again (link_remap.N) for the restore; a move given up removes that name.
+    let images = ImageDir::create(Path::new(IMAGES)).unwrap();
+    let frozen = job.dump(&criu, &images, &Placement::default()).unwrap_or_else(|e| panic!("{e}"));
+    let during = listing();
+    assert!(during.len() == 3 && during[2].starts_with("link_remap."), "{during:?}");
+    frozen.abort();
+    drop(images);
+    assert_eq!(listing(), ["b", "c2"]);
+    say(&mut input, "after a failed move");
+    take(&rx, 4, &mut seen);
+    let (moved, stdio) = move_letting_go_first(&criu, &job);
+    assert_eq!(listing(), ["b", "c2"], "the restore removed the temporary name");
+    drain(&rx, &mut seen);
+    let rx = reader(stdio.stdout);
+    let mut input = File::from(stdio.stdin);
+    say(&mut input, "after a move");
+    drop(input);
+    drain(&rx, &mut seen);
+    assert_eq!(moved.wait().unwrap(), 0);
+    let report = ["alpha ".repeat(10), "beta ".repeat(10), "gamma ".repeat(10), "the new b ['b', 'c2']".to_owned()];
+    assert_eq!(seen, [report.clone(), report.clone(), report].concat());
 }
 
 const LOCKS: &str = include_str!("programs/locks.py");

@@ -1,8 +1,8 @@
 //! What a job shares with the node it runs on, moved between the nodes of a real cluster as an ordinary user
-//! (python3 programs in `programs/`): files it holds locks on, a FIFO with unread data, files whose names
-//! are gone. A move changes nothing the job can see: the program itself checks, before and after each move,
-//! and prints what an unmoved run prints. Where someone else could see a difference (a lock another process
-//! could take), the test checks from outside too.
+//! (python3 programs in `programs/`): files it holds locks on, a FIFO with unread data, a child it stopped,
+//! files whose names are gone. A move changes nothing the job can see: the program itself checks, before and
+//! after each move, and prints what an unmoved run prints. Where someone else could see a difference (a
+//! lock another process could take), the test checks from outside too.
 
 use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
@@ -15,6 +15,7 @@ use rmosix_testcluster::{Cluster, Spec, bin_dir_of_current_test};
 const PYTHON: &str = "/usr/bin/python3";
 const LOCKS: &str = include_str!("programs/locks.py");
 const FIFO: &str = include_str!("programs/fifo.py");
+const STOPPED_CHILD: &str = include_str!("programs/stopped_child.py");
 const UNLINKED: &str = include_str!("programs/unlinked.py");
 
 fn cluster(name: &str) -> Cluster {
@@ -141,6 +142,35 @@ fn a_full_fifo_holds_its_data_once_through_moves() {
     assert_eq!(lines.finish(), reference, "the FIFO held what the job wrote, once, after each move");
     let _ = std::fs::remove_dir_all(plain);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The state letter of process `pid` (`T`: stopped).
+fn state(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(')').unwrap().1.trim_start().chars().next().unwrap()
+}
+
+#[test]
+fn a_child_the_job_stopped_is_still_stopped_after_moves() {
+    let c = cluster("sstop");
+    let u = user();
+    let reference = unmoved(&c, &u, STOPPED_CHILD, &[], 2);
+    assert_eq!(reference, "child T\nchild T\nchild T\nchild exited 7\n");
+
+    let (mut child, mut stdin, lines) = mosrun(&c, &u, STOPPED_CHILD, &[]);
+    let pid = child.id();
+    lines.wait_for(1);
+    migrate(&c, &u, pid, "2", 1, 2);
+    // Seen from node 2: the program runs, its child does not.
+    let mut states: Vec<char> = c.processes(2, "python3").into_iter().map(state).collect();
+    states.sort_unstable();
+    assert!(states.len() == 2 && states[1] == 'T' && states[0] != 'T', "{states:?}");
+    ask(&mut stdin, &lines, 1);
+    migrate(&c, &u, pid, "home", 2, 1);
+    ask(&mut stdin, &lines, 1);
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(lines.finish(), reference, "the job saw its child stopped until it continued it");
 }
 
 #[test]

@@ -12,6 +12,11 @@
 //! parent (a supervisor that restarted). The program does not inherit it.
 //!
 //! It is deliberately tiny and stateless between signals, since CRIU freezes and restores it with the job.
+//!
+//! One SIGCONT is not forwarded: migd's, when it resumes a job after a dump or restore that left every
+//! process stopped (`Job::resume`, `Frozen::abort`). migd continues each process that was running before
+//! itself, and sends this init its SIGCONT with `sigqueue` and [`RESUME`] as the value: forwarding that one
+//! would continue a process the job had stopped.
 
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt as _;
@@ -21,6 +26,7 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, execvp, fork};
 
+use rmosix_checkpoint::job::RESUME;
 use rmosix_common::control::FORWARDED_SIGNALS as FORWARDED;
 
 /// The job's status pipe, set up by the supervisor.
@@ -82,9 +88,16 @@ fn main() -> ExitCode {
     };
 
     loop {
-        let Ok(sig) = waited.wait() else { continue };
+        // SAFETY: sigwaitinfo fills the zeroed siginfo it is given.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let number = unsafe { libc::sigwaitinfo(waited.as_ref(), &raw mut info) };
+        let Ok(sig) = Signal::try_from(number) else { continue };
         match sig {
             Signal::SIGCHLD => {}
+            // SAFETY: a SIGCONT queued with sigqueue carries a value.
+            Signal::SIGCONT if info.si_code == libc::SI_QUEUE && unsafe { info.si_value() }.sival_ptr as usize == RESUME => {
+                continue;
+            }
             // The job's process group has no parent in its session (it is orphaned), so the kernel would
             // discard a SIGTSTP: stop and continue every process of the namespace instead (-1: all but us).
             Signal::SIGTSTP => {
