@@ -352,11 +352,10 @@ pub fn run_trials(args: &FaultsArgs) -> anyhow::Result<()> {
     );
     let reference = reference_output(args, &bins, &user)?;
     let run = Run { args, bins, user, reference };
-    let total = plans.len();
     let mut outcomes = Vec::new();
     for plan in &plans {
         let outcome = trial(&run, plan);
-        println!("{}", outcome.line(total, seed));
+        println!("{}", outcome.line(seed));
         for detail in outcome.details() {
             println!("    {detail}");
         }
@@ -1138,7 +1137,7 @@ impl Outcome {
         out
     }
 
-    fn line(&self, total: usize, seed: u64) -> String {
+    fn line(&self, seed: u64) -> String {
         let p = &self.plan;
         let Layout { home, source, dest } = p.layout;
         let hit = self.hit.map_or_else(|| "-".to_owned(), |h| h.name().to_owned());
@@ -1151,7 +1150,7 @@ impl Outcome {
             (_, None) => {}
         }
         format!(
-            "trial {}/{total} (seed {seed}): {} aimed at {}, hit {hit}; home {home}, job {source} -> {dest}; {:.0} s: {verdict}",
+            "trial {} (seed {seed}): {} aimed at {}, hit {hit}; home {home}, job {source} -> {dest}; {:.0} s: {verdict}",
             p.number,
             p.fault.name(),
             p.phase.name(),
