@@ -111,6 +111,9 @@ pub struct Cluster {
     /// `/rmosix-<name>`, the parent of the node cgroups, in every controller of [`cgroup::CONTROLLERS`]
     /// this host has, so a node's migd can put job cgroups under its node in each of them.
     cgroup: Cgroup,
+    /// The lock on this cluster's name (see [`lock_name`]); `None` for a cluster attached to.
+    #[expect(dead_code, reason = "held, never read: the lock lasts as long as the file is open")]
+    name_lock: Option<File>,
 }
 
 /// The directory holding this test binary's sibling binaries (`target/<profile>`), for tests, as they were
@@ -248,8 +251,55 @@ fn node_cpus(all: &[u32], nodes: u32, i: u32) -> String {
     chosen.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// Where the locks on cluster names are: one file per name.
+const NAME_LOCKS: &str = "/run/rmosix-cluster-locks";
+
+/// Takes the cluster name `name` for this process: an exclusive lock on its file, held while the returned
+/// file is open, waiting (a quarter of an hour at most) while another process holds it. Test runs side by
+/// side (several people work on one machine) use the same names: without the lock, one's `up` would tear
+/// down the other's running cluster as a leftover. A process that died holds no lock any more, so what it
+/// left behind is still removed.
+fn lock_name(name: &str) -> anyhow::Result<File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    std::fs::create_dir_all(NAME_LOCKS).with_context(|| format!("cannot create {NAME_LOCKS}"))?;
+    let path = Path::new(NAME_LOCKS).join(name);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let start = Instant::now();
+    let mut said = false;
+    // SAFETY: flock(2) on a descriptor we own.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        ensure!(error.kind() == std::io::ErrorKind::WouldBlock, "cannot lock {}: {error}", path.display());
+        let mut holder = String::new();
+        file.rewind()?;
+        file.read_to_string(&mut holder)?;
+        ensure!(
+            start.elapsed() < Duration::from_mins(15),
+            "cluster name {name} is still in use by process {} after {:?}",
+            holder.trim(),
+            start.elapsed()
+        );
+        if !said {
+            eprintln!("waiting for process {} to be done with a cluster named {name}", holder.trim());
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 impl Cluster {
-    /// Builds and starts a cluster, replacing any leftover of one with the same name.
+    /// Builds and starts a cluster, replacing any leftover of one with the same name once no other
+    /// process uses that name.
     pub fn up(spec: Spec) -> anyhow::Result<Self> {
         ensure!(
             !spec.name.is_empty()
@@ -260,10 +310,11 @@ impl Cluster {
         );
         ensure!((1..=200).contains(&spec.nodes), "a local cluster has 1 to 200 nodes");
         check_prerequisites(&spec.bin_dir)?;
+        let name_lock = Some(lock_name(&spec.name)?);
         Self::remove(&spec.name)?;
         let dir = Path::new(STATE_ROOT).join(&spec.name);
         let cgroup = cluster_cgroup(&spec.name)?;
-        let cluster = Self { spec, dir, keep: false, outsider: false, cgroup };
+        let cluster = Self { spec, dir, keep: false, outsider: false, cgroup, name_lock };
         cluster.build().with_context(|| format!("cannot build cluster {}", cluster.spec.name))?;
         for node in cluster.node_ids() {
             cluster.start_infod(node)?;
@@ -285,7 +336,7 @@ impl Cluster {
             bin_dir: PathBuf::from(v["bin_dir"].as_str().context("cluster.json: bin_dir")?),
         };
         let cgroup = cluster_cgroup(name)?;
-        Ok(Self { spec, dir, keep: true, outsider: false, cgroup })
+        Ok(Self { spec, dir, keep: true, outsider: false, cgroup, name_lock: None })
     }
 
     /// Leaves the cluster running when this value is dropped.
@@ -682,8 +733,12 @@ impl Cluster {
             for e in entries.filter_map(Result::ok) {
                 let ns = e.file_name().to_string_lossy().into_owned();
                 if ns.strip_prefix(&prefix).is_some_and(|rest| rest == "x" || rest.parse::<u32>().is_ok()) {
-                    // Deleting the namespace deletes its veth end, and with it the host end.
-                    ip(&["netns", "delete", &ns])?;
+                    // Deleting the namespace deletes its veth end, and with it the host end. One gone meanwhile
+                    // (`cargo xtask cluster down` beside us) is gone.
+                    let deleted = ip(&["netns", "delete", &ns]);
+                    if deleted.is_err() && Path::new("/run/netns").join(&ns).exists() {
+                        deleted?;
+                    }
                 }
             }
         }
