@@ -112,7 +112,6 @@ pub struct Cluster {
     /// this host has, so a node's migd can put job cgroups under its node in each of them.
     cgroup: Cgroup,
     /// The lock on this cluster's name (see [`lock_name`]); `None` for a cluster attached to.
-    #[expect(dead_code, reason = "held, never read: the lock lasts as long as the file is open")]
     name_lock: Option<File>,
 }
 
@@ -342,6 +341,13 @@ impl Cluster {
     /// Leaves the cluster running when this value is dropped.
     pub fn keep(&mut self) {
         self.keep = true;
+    }
+
+    /// Leaves everything as a crashed test process would: the cluster keeps running, untouched, and its
+    /// name is free again (a dead process holds no lock), so the next `up` of that name removes it.
+    pub fn crash(mut self) {
+        drop(self.name_lock.take());
+        std::mem::forget(self);
     }
 
     /// The node ids, 1 to N.

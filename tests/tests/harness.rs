@@ -37,7 +37,7 @@ fn up_after_a_crash_works_and_down_leaves_nothing() {
     // A background job on node 2, as a crashed test would leave running.
     let mut job = first.command(2, "sleep").unwrap().arg("1000").stdin(Stdio::null()).spawn().unwrap();
     // The "crash": the cluster is never taken down and its state directory is lost.
-    std::mem::forget(first);
+    first.crash();
     std::fs::remove_dir_all(Path::new("/run/rmosix-cluster").join(name)).unwrap();
 
     let second = Cluster::up(Spec::new(name, 3, bin_dir_of_current_test())).unwrap();

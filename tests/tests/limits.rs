@@ -8,7 +8,7 @@ use rmosix_testcluster::user::{Lines, test_user};
 use rmosix_testcluster::{Cluster, PATIENCE, Spec, bin_dir_of_current_test, wait_until};
 
 /// Holds 64 MiB (touched, so it is dumped) and prints 100 numbered lines; the last 50 wait for stdin's end.
-const HOLDER: &str = r#"
+const HOLDER: &str = r"
 import sys, time
 block = bytearray(64 << 20)
 for i in range(0, len(block), 4096):
@@ -18,7 +18,7 @@ for line in range(100):
         sys.stdin.read()
     print(line, flush=True)
     time.sleep(0.01)
-"#;
+";
 
 #[test]
 fn an_image_set_larger_than_the_destination_takes_is_refused_before_it_is_sent() {
@@ -58,7 +58,7 @@ fn an_image_set_larger_than_the_destination_takes_is_refused_before_it_is_sent()
     wait_until("more output after the refusal", PATIENCE, || lines.count() > n);
     drop(child.stdin.take());
     assert_eq!(child.wait().unwrap().code(), Some(0));
-    let expected: String = (0..100).map(|i| format!("{i}\n")).collect();
+    let expected: String = (0..100).fold(String::new(), |s, i| s + &i.to_string() + "\n");
     assert_eq!(lines.finish(), expected);
 }
 
@@ -107,6 +107,6 @@ fn a_job_link_from_a_node_or_generation_the_record_does_not_name_is_refused() {
     // The job's real link is untouched: its output still arrives, whole, and its status.
     drop(child.stdin.take());
     assert_eq!(child.wait().unwrap().code(), Some(0));
-    let expected: String = (0..100).map(|i| format!("{i}\n")).collect();
+    let expected: String = (0..100).fold(String::new(), |s, i| s + &i.to_string() + "\n");
     assert_eq!(lines.finish(), expected);
 }

@@ -12,7 +12,7 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// Holds 160 MiB (touched, so it is dumped and must be restored) and prints 200 numbered lines slowly; the
 /// last 50 wait for the end of its stdin.
-const HOLDER: &str = r#"
+const HOLDER: &str = r"
 import sys, time
 block = bytearray(160 << 20)
 for i in range(0, len(block), 4096):
@@ -22,7 +22,7 @@ for line in range(200):
         sys.stdin.read()
     print(line, sum(block[j] for j in range(0, 1 << 20, 4096 * 64)) + line, flush=True)
     time.sleep(0.02)
-"#;
+";
 
 fn cluster(name: &str, nodes: u32) -> Cluster {
     Cluster::up(Spec::new(name, nodes, bin_dir_of_current_test()))
@@ -58,7 +58,7 @@ fn image_sets(c: &Cluster) -> Vec<String> {
         c.node_ids().filter_map(|i| c.daemon_pid(i, "migd").ok()).map(|pid| format!("images-{pid}-")).collect();
     std::fs::read_dir(rmosix_testcluster::IMAGE_STORE)
         .map(|dir| {
-            dir.filter_map(|e| e.ok())
+            dir.filter_map(Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
                 .collect()

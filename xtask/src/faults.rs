@@ -373,6 +373,8 @@ pub fn run_trials(args: &FaultsArgs) -> anyhow::Result<()> {
         println!("RELIABILITY.md not written: only a run of every fault and phase, of 30 trials or more, writes it");
     }
     println!("{}", summary.last_line(seed));
+    // SAFETY: as where it was set; the trials are over.
+    unsafe { std::env::remove_var(DELAY_ENV) };
     ensure!(summary.failed == 0, "{} of {} trials failed (seed {seed})", summary.failed, outcomes.len());
     Ok(())
 }
@@ -1189,8 +1191,21 @@ fn trial(run: &Run, plan: &Plan) -> Outcome {
         }
         Err(e) => outcome.struck = Err(format!("cannot set up the cluster: {e:#}")),
     }
+    reap_daemons();
     outcome.seconds = started.elapsed().as_secs_f64();
     outcome
+}
+
+/// Reaps the daemons of the trial's cluster, which are this process's children (the cluster starts them)
+/// and were killed when it went. Called between trials, when no other child of this process is left to
+/// wait for.
+fn reap_daemons() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    while let Ok(status) = waitpid(nix::unistd::Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
 }
 
 /// The trial on its cluster: start the job, move it, strike, heal, check.
