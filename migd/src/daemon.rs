@@ -15,7 +15,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::ffi::OsStringExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -39,10 +39,12 @@ use tracing::{info, warn};
 use crate::channel::blocking::{Channel, Reader, Writer};
 use crate::protocol::{self, Ask, Attach, Moved, Offer};
 
+mod adoption;
 mod destination;
 mod ownership;
 mod source;
 use crate::records::{JobRecord, JobState, RecordStore, RecordsError};
+use crate::keeper::{Keeper, Kept};
 use crate::relay::{self, SharedPipe, Sink, Switch};
 
 /// migd could not start.
@@ -167,8 +169,9 @@ impl FrameOut for Mutex<Writer<TcpStream>> {
 
 /// A guest job's link home, which survives the home migd restarting: while the link is down, senders wait
 /// (the job's pipes hold its output meanwhile) until it is back or given up.
-#[derive(Default)]
 struct LinkSlot {
+    /// The numbering of this slot's output frames ([`Attach::stream`]).
+    stream: u64,
     writer: Mutex<Option<Writer<TcpStream>>>,
     changed: Condvar,
     gone: AtomicBool,
@@ -179,6 +182,18 @@ struct LinkSlot {
 
 /// An output frame kept for sending again: sequence number, kind, payload.
 type OutputFrame = (u64, u8, Vec<u8>);
+
+impl Default for LinkSlot {
+    fn default() -> Self {
+        Self {
+            stream: rand::random(),
+            writer: Mutex::default(),
+            changed: Condvar::default(),
+            gone: AtomicBool::default(),
+            unacked: Mutex::default(),
+        }
+    }
+}
 
 impl LinkSlot {
     fn set(&self, writer: Option<Writer<TcpStream>>) {
@@ -284,6 +299,20 @@ enum Report {
     Link(Arc<LinkSlot>),
 }
 
+/// The stdin of a job running here, as the deputy's input is relayed into it.
+struct RunnerStdin(Arc<Runner>);
+
+impl Sink for RunnerStdin {
+    fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
+        SharedPipe(Arc::clone(&self.0.stdin)).put(data)
+    }
+
+    fn end(&mut self) -> std::io::Result<()> {
+        self.0.close_stdin();
+        Ok(())
+    }
+}
+
 /// A job running on this node.
 struct Runner {
     home_node: u32,
@@ -308,6 +337,9 @@ struct Runner {
     cgroup: Option<JobCgroups>,
     /// A guest's link home, while it has one.
     link: Mutex<Option<Arc<LinkSlot>>>,
+    /// The keeper holding the job's pipes too, told when the job's stdin ends (its copy of the write end
+    /// would keep the job from seeing the end).
+    keeper: Option<Keeper>,
 }
 
 impl Runner {
@@ -318,7 +350,7 @@ impl Runner {
         (uid, gid, groups): (u32, u32, Vec<u32>),
         command: Vec<String>,
         job: Job,
-        stdin: OwnedFd,
+        stdin: Option<OwnedFd>,
         epoch: u32,
         cgroup: Option<JobCgroups>,
     ) -> Self {
@@ -330,13 +362,49 @@ impl Runner {
             groups,
             command,
             job: Arc::new(job),
-            stdin: Arc::new(Mutex::new(Some(Arc::new(File::from(stdin))))),
+            stdin: Arc::new(Mutex::new(stdin.map(|fd| Arc::new(File::from(fd))))),
             moving: AtomicBool::new(false),
             exited: AtomicBool::new(false),
             outputs: Mutex::new(Vec::new()),
             epoch,
             cgroup,
             link: Mutex::new(None),
+            keeper: None,
+        }
+    }
+
+    /// The runner of a job whose pipes `keeper` holds too.
+    fn kept_by(mut self, keeper: Option<&Keeper>) -> Self {
+        self.keeper = keeper.cloned();
+        self
+    }
+
+    /// The end of the job's input: the job reads what is in its stdin pipe, then end of file.
+    fn close_stdin(&self) {
+        let was_open = self.stdin.lock().expect("stdin").take().is_some();
+        if was_open
+            && let Some(keeper) = &self.keeper
+            && let Err(error) = keeper.close_stdin(&self.kept(None, false).id())
+        {
+            warn!(home_pid = self.home_pid, %error, "the keeper keeps the job's stdin open");
+        }
+    }
+
+    /// What the keeper is told of this job.
+    fn kept(&self, moving_to: Option<u32>, arriving: bool) -> Kept {
+        Kept {
+            home_node: self.home_node,
+            home_pid: self.home_pid,
+            epoch: self.epoch,
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+            command: self.command.clone(),
+            pid: self.job.pid(),
+            pipes: self.job.pipes(),
+            stdin_open: self.stdin.lock().expect("stdin").is_some(),
+            moving_to,
+            arriving,
         }
     }
 
@@ -391,8 +459,9 @@ struct HomeJob {
     frozen: Mutex<f64>,
     /// Job links from other nodes so far.
     links: std::sync::atomic::AtomicU32,
-    /// Generation of the job's link and the last output frame of it written to the deputy.
-    written: Mutex<(u32, Option<u64>)>,
+    /// Generation and output stream of the job's link, and the last output frame of it written to the
+    /// deputy.
+    written: Mutex<(u32, u64, Option<u64>)>,
     /// The deputy asked for SIGKILL while the job was between nodes: deliver it on arrival.
     killed: AtomicBool,
     done: AtomicBool,
@@ -420,7 +489,17 @@ pub struct Daemon {
     /// Held while a home record's location is read and changed (a move recorded, a link taken), so two
     /// nodes can never both be given the job (see `ownership`).
     ownership: Mutex<()>,
+    /// Holds every job's pipes so the jobs outlive this migd (see [`crate::keeper`]); `None` when it could
+    /// not be started (jobs then end with migd).
+    keeper: Option<Keeper>,
+    /// Jobs homed here that ran on when the previous migd ended, taken up from the keeper, waiting for
+    /// their deputies to come back: the runner, its stdout and stderr, and whether it must still be let run.
+    adopted: Mutex<HashMap<i32, Adopted>>,
 }
+
+/// A job homed here, taken up from the keeper: the runner, its stdout and stderr read ends, and whether
+/// it is still stopped (it had just arrived).
+type Adopted = (Arc<Runner>, OwnedFd, OwnedFd, bool);
 
 /// Who is on the other end of a control connection.
 #[derive(Debug, Clone, Copy)]
@@ -462,6 +541,15 @@ impl Daemon {
             }
         }
         let jobs_cgroup = jobs_cgroup();
+        let keeper_program = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("rmosix-keeper"))).unwrap_or_default();
+        let keeper_socket = settings.config.migd.socket.with_file_name("keeper.sock");
+        let keeper = match Keeper::connect_or_start(&keeper_socket, &keeper_program) {
+            Ok(keeper) => Some(keeper),
+            Err(error) => {
+                warn!(%error, "no keeper: jobs running here end if migd ends");
+                None
+            }
+        };
         Ok(Self {
             settings,
             init,
@@ -472,6 +560,8 @@ impl Daemon {
             runners: Mutex::new(HashMap::new()),
             jobs_cgroup,
             ownership: Mutex::new(()),
+            keeper,
+            adopted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -544,6 +634,8 @@ impl Daemon {
 
     /// Listens on the migration port and the control socket; serves both until the process ends.
     pub fn serve(self: &Arc<Self>) -> Result<(), StartError> {
+        // Before anyone can ask for them: the jobs that ran on while no migd was here.
+        self.adopt_kept();
         let addr = SocketAddr::from((self.settings.addr(), self.settings.config.migd.port));
         let tcp = TcpListener::bind(addr).map_err(|source| StartError::Listen { what: addr.to_string(), source })?;
         let daemon = Arc::clone(self);
@@ -728,17 +820,20 @@ impl Daemon {
             return;
         };
         info!(home_pid, uid = peer.uid, pid = job.pid(), command = ?command, stay_home = req.options.stay_home, "job started");
+        let (job_stdout, job_stderr) = (pipes.stdout, pipes.stderr);
         let runner = Arc::new(Runner::new(
             self.me().0,
             home_pid,
             (peer.uid, peer.gid, credentials.groups),
             command,
             job,
-            pipes.stdin,
+            Some(pipes.stdin),
             0,
             cgroup,
-        ));
-        self.attach_here(&home, &runner, pipes.stdout, pipes.stderr);
+        )
+        .kept_by(self.keeper.as_ref()));
+        self.keep(&runner, job_stdout.as_fd(), job_stderr.as_fd(), false);
+        self.attach_here(&home, &runner, job_stdout, job_stderr);
         relay::spawn_stoppable("deputy-stdin", stdin, home.stdin.clone(), Arc::clone(&home.stop_stdin));
 
         if control::send(&mut stream, &Response::Started { home_pid, node: start_on }).is_err() {
@@ -820,7 +915,7 @@ impl Daemon {
             move_changed: Condvar::new(),
             frozen: Mutex::new(0.0),
             links: std::sync::atomic::AtomicU32::new(0),
-            written: Mutex::new((u32::MAX, None)),
+            written: Mutex::new((u32::MAX, 0, None)),
             killed: AtomicBool::new(false),
             done: AtomicBool::new(false),
         });
@@ -857,6 +952,11 @@ impl Daemon {
             refuse(&mut stream, Refusal::NoSuchJob, format!("no running job with home PID {home_pid} here"));
             return;
         };
+        let adopted = self.adopted.lock().expect("adopted").remove(&home_pid);
+        if let Some(adopted) = adopted {
+            self.reattach_adopted(stream, [stdin, stdout, stderr], &record, adopted);
+            return;
+        }
         if record.node == self.me() || self.homes.lock().expect("homes lock").contains_key(&home_pid) {
             // It ran here, in the migd that ended: it ended with it.
             let _ = self.records.update(home_pid, |r| r.state = JobState::Lost { reason: "migd restarted".into() });
@@ -873,6 +973,34 @@ impl Daemon {
             return;
         }
         self.lose_unless_linked(&home, record.node.0, record.migrations);
+        Self::deputy_session(stream, &home);
+    }
+
+    /// A deputy comes back to its job, which ran on here while migd was down.
+    fn reattach_adopted(self: &Arc<Self>, mut stream: UnixStream, [stdin, stdout, stderr]: [OwnedFd; 3], record: &JobRecord, adopted: Adopted) {
+        let (runner, job_stdout, job_stderr, arriving) = adopted;
+        let home_pid = record.home_pid;
+        let Some(home) = self.new_home(home_pid, false, record.migrations, stdout, stderr, &stream) else {
+            refuse(&mut stream, Refusal::Failed, "cannot duplicate the deputy's descriptors");
+            return;
+        };
+        if arriving && let Err(why) = self.bind(home_pid, self.me().0, runner.epoch, runner.job.pid()) {
+            warn!(home_pid, %why, "the job taken up was not this node's to run; killed");
+            runner.kill_and_clean();
+            self.forget(&runner);
+            self.finish_home(&home, Response::Lost { reason: why });
+            return;
+        }
+        self.attach_here(&home, &runner, job_stdout, job_stderr);
+        if arriving {
+            runner.job.resume();
+            self.kept_update(&runner, None, false);
+        }
+        relay::spawn_stoppable("deputy-stdin", stdin, home.stdin.clone(), Arc::clone(&home.stop_stdin));
+        info!(home_pid, pid = runner.job.pid(), "deputy back; its job ran on here");
+        if control::send(&mut stream, &Response::Started { home_pid, node: self.me().0 }).is_err() {
+            return;
+        }
         Self::deputy_session(stream, &home);
     }
 
@@ -920,7 +1048,7 @@ impl Daemon {
         };
         *runner.outputs.lock().expect("outputs") =
             vec![relay::spawn("job-stdout", stdout, out), relay::spawn("job-stderr", stderr, err)];
-        home.stdin.set(Some(Box::new(SharedPipe(Arc::clone(&runner.stdin)))));
+        home.stdin.set(Some(Box::new(RunnerStdin(Arc::clone(runner)))));
         *home.location.lock().expect("location") = Location::Here(Arc::clone(runner));
         self.runners.lock().expect("runners").insert((runner.home_node, runner.home_pid), Arc::clone(runner));
         let daemon = Arc::clone(self);
@@ -1039,6 +1167,7 @@ impl Daemon {
     /// Waits for a job running here to end and reports its status, unless it ended because it moved.
     fn wait_runner(&self, runner: &Runner, report: &Report) {
         let code = runner.job.wait().unwrap_or(255);
+        self.forget(runner);
         // Ended here or left: either way nothing of it stays on this node.
         if let Some(cgroup) = &runner.cgroup {
             if let Ok(cpu) = cgroup.cpu_time() {
@@ -1105,7 +1234,7 @@ impl Daemon {
 
     /// Connects to the job's home node and links the job there; home answers once the job's previous
     /// location has ended and its record names this node and the job's generation.
-    fn link_home(&self, runner: &Runner, frozen: Option<f64>) -> Result<(Reader<TcpStream>, Writer<TcpStream>), LinkError> {
+    fn link_home(&self, runner: &Runner, frozen: Option<f64>, stream_id: u64) -> Result<(Reader<TcpStream>, Writer<TcpStream>), LinkError> {
         let unreachable = |e: &dyn std::fmt::Display| LinkError::Unreachable(format!("home node {}: {e}", runner.home_node));
         let home = self.settings.map.get(NodeId(runner.home_node)).ok_or_else(|| unreachable(&"not in the cluster map"))?;
         let addr = SocketAddr::from((home.addr, self.settings.config.migd.port));
@@ -1117,7 +1246,7 @@ impl Daemon {
         let _ = stream.set_write_timeout(Some(self.patience()));
         let link = Channel::client_tcp(stream, &self.settings.key, self.me().0).map_err(|e| unreachable(&e))?;
         let (mut reader, mut writer) = link.into_split().map_err(|e| unreachable(&e))?;
-        let attach = Attach { home_pid: runner.home_pid, pid: runner.job.pid(), epoch: runner.epoch, frozen };
+        let attach = Attach { home_pid: runner.home_pid, pid: runner.job.pid(), epoch: runner.epoch, frozen, stream: stream_id };
         writer.send_json(protocol::ATTACH, &attach).map_err(|e| unreachable(&e))?;
         match reader.recv() {
             Ok((protocol::ATTACHED, _)) => {}
@@ -1133,9 +1262,16 @@ impl Daemon {
 
     /// Runs a guest job: links it to its home node (which must take it before it runs) and serves the link,
     /// linking again if it breaks (the home migd restarting) for up to half the silence limit.
-    fn run_guest(self: &Arc<Self>, runner: &Arc<Runner>, stdout: OwnedFd, stderr: OwnedFd, frozen: Option<f64>) -> Result<(), String> {
-        let (reader, writer) = self.link_home(runner, frozen).map_err(|e| e.to_string())?;
+    /// `start`: the job is stopped (restored) and must be resumed once home has taken it.
+    fn run_guest(
+        self: &Arc<Self>,
+        runner: &Arc<Runner>,
+        (stdout, stderr): (OwnedFd, OwnedFd),
+        frozen: Option<f64>,
+        start: bool,
+    ) -> Result<(), String> {
         let slot = Arc::new(LinkSlot::default());
+        let (reader, writer) = self.link_home(runner, frozen, slot.stream).map_err(|e| e.to_string())?;
         slot.set(Some(writer));
         *runner.link.lock().expect("link") = Some(Arc::clone(&slot));
         *runner.outputs.lock().expect("outputs") = vec![
@@ -1149,7 +1285,10 @@ impl Daemon {
             let report = Report::Link(Arc::clone(&slot));
             std::thread::spawn(move || daemon.wait_runner(&runner, &report));
         }
-        runner.job.resume();
+        if start {
+            runner.job.resume();
+        }
+        self.kept_update(runner, None, false);
         info!(home_pid = runner.home_pid, home = runner.home_node, pid = runner.job.pid(), "guest job running");
         let daemon = Arc::clone(self);
         let runner = Arc::clone(runner);
@@ -1166,9 +1305,9 @@ impl Daemon {
         loop {
             match reader.recv() {
                 Ok((protocol::STDIN, data)) => {
-                    let _ = SharedPipe(Arc::clone(&runner.stdin)).put(&data);
+                    let _ = RunnerStdin(Arc::clone(runner)).put(&data);
                 }
-                Ok((protocol::STDIN_EOF, _)) => *runner.stdin.lock().expect("stdin") = None,
+                Ok((protocol::STDIN_EOF, _)) => runner.close_stdin(),
                 Ok((protocol::SIGNAL, data)) => {
                     if let Ok(Ok(sig)) = serde_json::from_slice::<i32>(&data).map(Signal::try_from) {
                         let _ = runner.job.signal(sig);
@@ -1226,7 +1365,7 @@ impl Daemon {
                 warn!(home_pid = runner.home_pid, "home node unreachable; killing the guest job");
                 break;
             }
-            match self.link_home(runner, None) {
+            match self.link_home(runner, None, slot.stream) {
                 Ok((r, w)) => {
                     if slot.relink(w).is_ok() {
                         info!(home_pid = runner.home_pid, "linked to the home node again");
@@ -1290,8 +1429,8 @@ impl Daemon {
         {
             // Output numbering starts again with each generation; a link again of the same one goes on.
             let mut written = home.written.lock().expect("written");
-            if written.0 != attach.epoch {
-                *written = (attach.epoch, None);
+            if (written.0, written.1) != (attach.epoch, attach.stream) {
+                *written = (attach.epoch, attach.stream, None);
             }
         }
         self.serve_link_frames(&home, &mut reader, &writer, node, attach.epoch);
@@ -1306,10 +1445,10 @@ impl Daemon {
                     let seq = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
                     let mut written = home.written.lock().expect("written");
                     // A frame sent again after a broken link, already written: only acknowledge it.
-                    if written.1.is_none_or(|last| seq > last) {
+                    if written.2.is_none_or(|last| seq > last) {
                         let target = if kind == protocol::STDOUT { &home.out } else { &home.err };
                         let _ = target.lock().expect("output").write_all(&data[8..]);
-                        written.1 = Some(seq);
+                        written.2 = Some(seq);
                     }
                     drop(written);
                     let _ = writer.lock().expect("link").send(protocol::ACK, &seq.to_le_bytes());

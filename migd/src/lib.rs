@@ -2,10 +2,12 @@
 //! of the jobs homed on this node, and moves jobs between nodes by checkpoint/restore.
 //!
 //! [`channel`]: the authenticated connection between two migds. [`records`]: the home records. [`limits`]:
-//! what one local user can hold of migd through its control socket.
+//! what one local user can hold of migd through its control socket. [`keeper`]: what lets jobs outlive
+//! migd.
 
 pub mod channel;
 pub mod daemon;
+pub mod keeper;
 pub mod limits;
 pub mod protocol;
 pub mod relay;

@@ -25,6 +25,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // migd serves each connection and job on a thread of its own, hundreds at a burst; glibc would give
+    // them up to eight arenas per core, which it keeps (and fragments) once the burst is over. Two are
+    // plenty for what these threads allocate.
+    // SAFETY: mallopt before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -127,6 +127,11 @@ pub struct Attach {
     /// On the first link of a generation that arrived by a move: seconds the job was stopped by it.
     #[serde(default)]
     pub frozen: Option<f64>,
+    /// Which numbering of output frames the link continues: a node links again with the same stream after
+    /// home restarted (home skips frames it already wrote), and with a new one after its own migd restarted
+    /// (whose numbering starts again).
+    #[serde(default)]
+    pub stream: u64,
 }
 
 /// Go ahead (source to destination, with `COMMITTED`).

@@ -73,7 +73,7 @@ fn attach_as(c: &Cluster, from: u32, home_pid: i32, epoch: u32) -> (u8, Vec<u8>)
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         let stream = std::net::TcpStream::connect(("10.213.0.1", rmosix_testcluster::MIGD_PORT)).unwrap();
         let mut link = Channel::client_tcp(stream, &key, from).unwrap();
-        link.send_json(ATTACH, &Attach { home_pid, pid: 4242, epoch, frozen: None }).unwrap();
+        link.send_json(ATTACH, &Attach { home_pid, pid: 4242, epoch, frozen: None, stream: 1 }).unwrap();
         link.recv().unwrap()
     })
     .join()

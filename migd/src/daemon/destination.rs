@@ -2,7 +2,7 @@
 //! job at each step and what happens when a step breaks.
 
 use std::net::TcpStream;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -83,7 +83,7 @@ impl Daemon {
         let linked = if offer.home_node == self.me().0 {
             self.arrive_home(&runner, stdout, stderr, Some(frozen))
         } else {
-            self.run_guest(&runner, stdout, stderr, Some(frozen))
+            self.run_guest(&runner, (stdout, stderr), Some(frozen), true)
         };
         match linked {
             Ok(()) => {
@@ -155,15 +155,17 @@ impl Daemon {
             (offer.uid, offer.gid, offer.groups.clone()),
             offer.command.clone(),
             job,
-            pipes.stdin,
+            Some(pipes.stdin),
             offer.epoch,
             cgroup,
-        ));
+        )
+        .kept_by(self.keeper.as_ref()));
         // The job runs with its owner's credentials and no other: check every process before it runs.
         if let Err(e) = check_owner(runner.job.pid(), owner, &offer.groups) {
             runner.kill_and_clean();
             return Err(format!("the restored job has the wrong owner: {e}"));
         }
+        self.keep(&runner, pipes.stdout.as_fd(), pipes.stderr.as_fd(), true);
         Ok((runner, pipes.stdout, pipes.stderr))
     }
 
@@ -186,6 +188,7 @@ impl Daemon {
         }
         self.attach_here(&home, runner, stdout, stderr);
         runner.job.resume();
+        self.kept_update(runner, None, false);
         if home.killed.load(Ordering::Relaxed) {
             home.signal(Signal::SIGKILL as i32);
         }

@@ -27,6 +27,15 @@
 //!
 //! What the job shares with the world (file locks, FIFOs, their data) is let go by the source (its copy is
 //! killed) before the destination restores it, so the restore finds them as the job left them.
+//!
+//! A migd that dies (`kill -9`) takes no job with it: each job's pipes are held by the node's keeper too
+//! (`crate::keeper`), which knows where the job stood in a move (frozen for a move to N, or restored and not
+//! yet let run). The migd that starts next takes every job up (`adoption`) before it listens: a copy caught
+//! in a move asks home as above, and resumes only if the record names this node and that generation (the
+//! move did not happen, or it was the arriving copy and home takes its link), and is killed otherwise; the
+//! images of the move are dropped, so a destination that fails after such a restart has no way back and
+//! the job is declared lost. A guest links home again (with a new output stream, so home does not take its
+//! output for frames already written); a job of this node waits for its deputy to come back.
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};

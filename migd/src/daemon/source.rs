@@ -2,6 +2,7 @@
 //! at each step and what happens when a step breaks.
 
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,7 +43,11 @@ impl Daemon {
             to
         );
         let _span = span.enter();
+        self.kept_update(runner, Some(to), false);
         let result = self.move_runner_steps(runner, to, started);
+        if result.is_err() && !runner.moving.load(Ordering::Relaxed) {
+            self.kept_update(runner, None, false);
+        }
         if let Err(e) = &result {
             warn!(phase = %Phase::Aborted, why = ?e.why, error = %e, "move failed; the job runs on where it was");
         }
@@ -254,14 +259,16 @@ impl Daemon {
             (old.uid, old.gid, old.groups.clone()),
             old.command.clone(),
             job,
-            pipes.stdin,
+            Some(pipes.stdin),
             epoch,
             cgroup,
-        ));
+        )
+        .kept_by(self.keeper.as_ref()));
+        self.keep(&runner, pipes.stdout.as_fd(), pipes.stderr.as_fd(), true);
         if old.home_node == self.me().0 {
             self.arrive_home(&runner, pipes.stdout, pipes.stderr, None)
         } else {
-            self.run_guest(&runner, pipes.stdout, pipes.stderr, None)
+            self.run_guest(&runner, (pipes.stdout, pipes.stderr), None, true)
         }
         .inspect_err(|_| runner.kill_and_clean())
     }
