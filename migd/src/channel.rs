@@ -1298,6 +1298,31 @@ pub mod blocking {
         }
     }
 
+    impl Writer<TcpStream> {
+        /// Whether the connection is still established as far as this end's kernel knows: not closed or
+        /// reset by the peer (its end of a connection whose process died is closed), whatever unread data
+        /// is queued before that. Looks without reading or waiting.
+        pub fn established(&self) -> bool {
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes of it.
+            unsafe {
+                let mut info: libc::tcp_info = std::mem::zeroed();
+                let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).expect("small");
+                let got = libc::getsockopt(
+                    self.inner.stream.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_INFO,
+                    (&raw mut info).cast(),
+                    &raw mut len,
+                );
+                got == 0 && info.tcpi_state == TCP_ESTABLISHED
+            }
+        }
+    }
+
+    /// `TCP_ESTABLISHED` of the kernel's `tcp_states.h`, as `tcpi_state` gives it.
+    const TCP_ESTABLISHED: u8 = 1;
+
     /// Runs a handshake over a blocking stream.
     fn handshake<S: Read + Write>(
         stream: &mut S,

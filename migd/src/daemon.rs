@@ -337,6 +337,8 @@ struct Runner {
     cgroup: Option<JobCgroups>,
     /// A guest's link home, while it has one.
     link: Mutex<Option<Arc<LinkSlot>>>,
+    /// A move of this copy, asked for over its link, is under way.
+    in_move: AtomicBool,
     /// The keeper holding the job's pipes too, told when the job's stdin ends (its copy of the write end
     /// would keep the job from seeing the end).
     keeper: Option<Keeper>,
@@ -369,6 +371,7 @@ impl Runner {
             epoch,
             cgroup,
             link: Mutex::new(None),
+            in_move: AtomicBool::new(false),
             keeper: None,
         }
     }
@@ -415,6 +418,16 @@ impl Runner {
         let _ = self.job.wait();
         if let Some(cgroup) = &self.cgroup {
             let _ = cgroup.remove();
+        }
+        self.unkeep();
+    }
+
+    /// The keeper lets go of the job: it ended here, left, or was killed.
+    fn unkeep(&self) {
+        if let Some(keeper) = &self.keeper
+            && let Err(error) = keeper.forget(&self.kept(None, false).id())
+        {
+            warn!(home_pid = self.home_pid, %error, "cannot tell the keeper the job is gone");
         }
     }
 }
@@ -987,7 +1000,6 @@ impl Daemon {
         if arriving && let Err(why) = self.bind(home_pid, self.me().0, runner.epoch, runner.job.pid()) {
             warn!(home_pid, %why, "the job taken up was not this node's to run; killed");
             runner.kill_and_clean();
-            self.forget(&runner);
             self.finish_home(&home, Response::Lost { reason: why });
             return;
         }
@@ -1167,7 +1179,7 @@ impl Daemon {
     /// Waits for a job running here to end and reports its status, unless it ended because it moved.
     fn wait_runner(&self, runner: &Runner, report: &Report) {
         let code = runner.job.wait().unwrap_or(255);
-        self.forget(runner);
+        runner.unkeep();
         // Ended here or left: either way nothing of it stays on this node.
         if let Some(cgroup) = &runner.cgroup {
             if let Ok(cpu) = cgroup.cpu_time() {
@@ -1260,8 +1272,34 @@ impl Daemon {
         Ok((reader, writer))
     }
 
+    /// The first link of a guest copy (arrived, or taken up after a migd restart): home may be down for a
+    /// moment (its migd restarting), so an unreachable home is tried again for the silence limit; this copy
+    /// may be the only one of the job. A refusal is final.
+    fn first_link_home(
+        &self,
+        runner: &Runner,
+        frozen: Option<f64>,
+        stream: u64,
+    ) -> Result<(Reader<TcpStream>, Writer<TcpStream>), String> {
+        let deadline = Instant::now() + self.silence();
+        let mut said = false;
+        loop {
+            match self.link_home(runner, frozen, stream) {
+                Ok(link) => return Ok(link),
+                Err(LinkError::Unreachable(why)) if Instant::now() < deadline && runner.job.alive() => {
+                    if !said {
+                        warn!(home_pid = runner.home_pid, %why, "home does not answer; trying again");
+                        said = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
     /// Runs a guest job: links it to its home node (which must take it before it runs) and serves the link,
-    /// linking again if it breaks (the home migd restarting) for up to half the silence limit.
+    /// linking again if it breaks (the home migd restarting) for up to the silence limit.
     /// `start`: the job is stopped (restored) and must be resumed once home has taken it.
     fn run_guest(
         self: &Arc<Self>,
@@ -1271,7 +1309,7 @@ impl Daemon {
         start: bool,
     ) -> Result<(), String> {
         let slot = Arc::new(LinkSlot::default());
-        let (reader, writer) = self.link_home(runner, frozen, slot.stream).map_err(|e| e.to_string())?;
+        let (reader, writer) = self.first_link_home(runner, frozen, slot.stream)?;
         slot.set(Some(writer));
         *runner.link.lock().expect("link") = Some(Arc::clone(&slot));
         *runner.outputs.lock().expect("outputs") = vec![
@@ -1323,16 +1361,26 @@ impl Daemon {
                 }
                 Ok((protocol::MIGRATE, data)) => {
                     let Ok(to) = serde_json::from_slice::<u32>(&data) else { continue };
-                    match self.move_runner(runner, to) {
-                        // The link ended with the move (MOVED was its last word).
-                        Ok(_) => return,
-                        // The copy here is gone and its link with it; home knows what became of the job.
-                        Err(_) if runner.moving.load(Ordering::Relaxed) => return,
-                        Err(e) => {
+                    if runner.in_move.swap(true, Ordering::AcqRel) {
+                        let failure = serde_json::to_vec(&(Refusal::Busy, "a move of this job is under way")).expect("json");
+                        let _ = slot.send_frame(protocol::MOVE_FAILED, &failure);
+                        continue;
+                    }
+                    // The move runs beside this loop, which goes on taking home's acknowledgements and
+                    // linking again if home's migd restarts meanwhile; the link ends with the move (`MOVED`
+                    // is its last word), and this loop with it.
+                    let (daemon, runner, slot) = (Arc::clone(self), Arc::clone(runner), Arc::clone(slot));
+                    std::thread::spawn(move || {
+                        let moved = daemon.move_runner(&runner, to);
+                        runner.in_move.store(false, Ordering::Release);
+                        // A copy that is gone has no link; home knows what became of the job.
+                        if let Err(e) = moved
+                            && !runner.moving.load(Ordering::Relaxed)
+                        {
                             let failure = serde_json::to_vec(&(e.why, e.message)).expect("json");
                             let _ = slot.send_frame(protocol::MOVE_FAILED, &failure);
                         }
-                    }
+                    });
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -1352,12 +1400,14 @@ impl Daemon {
     }
 
     /// Home went away or silent (its migd restarting, a partition): links again while it comes back, for
-    /// up to half the silence limit (home declares the job lost after the whole limit). Gives up, killing
-    /// the job, when home cannot be reached by then or refuses the job.
+    /// up to the silence limit. A home migd that restarts within it takes the link (it waits half the limit
+    /// for the job's node after it starts); a home that was there but did not hear from this node for the
+    /// limit has declared the job lost and refuses it. Gives up, killing the job, when home cannot be
+    /// reached by then or refuses the job.
     fn relink(self: &Arc<Self>, runner: &Runner, slot: &LinkSlot, error: &dyn std::fmt::Display) -> Option<Reader<TcpStream>> {
         warn!(home_pid = runner.home_pid, %error, "link to the home node lost; linking again");
         slot.set(None);
-        let deadline = Instant::now() + self.patience();
+        let deadline = Instant::now() + self.silence();
         loop {
             std::thread::sleep(Duration::from_millis(500));
             // Checked first: a home that accepts links and drops them at once must not keep this going.

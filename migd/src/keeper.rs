@@ -117,6 +117,11 @@ impl Keeper {
         Ok(keeper)
     }
 
+    /// The keeper listening at `path`, to ask what it holds (one is not started if none answers).
+    pub fn at(path: &Path) -> Self {
+        Self { path: path.to_owned(), program: PathBuf::new() }
+    }
+
     /// Starts a keeper if none answers (an idle one exits).
     fn start_if_gone(&self) -> Result<(), KeeperError> {
         let (path, program) = (&self.path, &self.program);
@@ -159,9 +164,17 @@ impl Keeper {
     }
 
     /// Hands over a job's descriptors (`[stdin, stdout, stderr, status]`), or updates what is said of it.
+    /// Tried twice: a keeper that had been idle may have been exiting as it was asked (a new one is
+    /// started for the second try).
     pub fn keep(&self, kept: &Kept, fds: &[BorrowedFd<'_>]) -> Result<(), KeeperError> {
-        let stream = self.ask(&Request::Keep(kept.clone()), fds)?;
-        self.done(stream)
+        let once = || self.ask(&Request::Keep(kept.clone()), fds).and_then(|stream| self.done(stream));
+        match once() {
+            Err(KeeperError::Io { .. } | KeeperError::Protocol { .. }) => {
+                std::thread::sleep(Duration::from_millis(50));
+                once()
+            }
+            done => done,
+        }
     }
 
     /// Lets go of a job's stdin.
@@ -203,8 +216,12 @@ pub fn serve(listener: &UnixListener, path: &Path) {
         let mut stream = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let idle = held.is_empty() && last.elapsed() > IDLE;
-                if idle || !path.exists() {
+                if !path.exists() {
+                    return;
+                }
+                if held.is_empty() && last.elapsed() > IDLE {
+                    // The socket goes first, so that migd starts a new keeper rather than asking this one.
+                    let _ = std::fs::remove_file(path);
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(50));

@@ -1394,6 +1394,18 @@ fn leftovers(site: &Site) -> Vec<String> {
         let daemons: Vec<i32> = ["migd", "infod"].iter().filter_map(|d| c.daemon_pid(i, d).ok()).collect();
         for pid in c.procs(i).unwrap_or_default().into_iter().filter(|p| !daemons.contains(p)) {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "rmosix-keeper" {
+                // The node's keeper is a daemon too (it exits when it has held nothing for a while); what
+                // it must not hold is a job that has gone.
+                let keeper = rmosix_migd::keeper::Keeper::at(&c.migd_socket(i).with_file_name("keeper.sock"));
+                match keeper.list() {
+                    Ok(held) => found.extend(held.iter().map(|(kept, _)| {
+                        format!("node {i}'s keeper still holds job {} (pid {})", kept.id(), kept.pid)
+                    })),
+                    Err(e) => found.push(format!("node {i}'s keeper, process {pid}, does not answer: {e}")),
+                }
+                continue;
+            }
             let Some(state) = process_state(pid) else { continue };
             let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
             let alone = if ns.is_some() && ns != own_pid_ns { ", in a PID namespace of its own" } else { "" };

@@ -35,14 +35,6 @@ impl Daemon {
         }
     }
 
-    /// The job ended here or left: the keeper lets go of its pipes.
-    pub(super) fn forget(&self, runner: &Runner) {
-        let Some(keeper) = &self.keeper else { return };
-        if let Err(error) = keeper.forget(&runner.kept(None, false).id()) {
-            warn!(home_pid = runner.home_pid, %error, "cannot tell the keeper the job is gone");
-        }
-    }
-
     /// Takes up every job the keeper holds (they ran on while no migd was here). Jobs homed here wait for
     /// their deputies (`reattach`) for the silence limit; guests link home again.
     pub(super) fn adopt_kept(self: &Arc<Self>) {
@@ -117,14 +109,12 @@ impl Daemon {
                 if daemon.adopted.lock().expect("adopted").remove(&home_pid).is_some() {
                     warn!(home_pid, "its deputy did not come back; the job is killed");
                     runner.kill_and_clean();
-                    daemon.forget(&runner);
                     daemon.runners.lock().expect("runners").remove(&(runner.home_node, home_pid));
                 }
             });
         } else if let Err(error) = self.run_guest(&runner, (stdout, stderr), None, kept.arriving) {
             warn!(home_pid, %error, "home does not take the job up again; killed");
             runner.kill_and_clean();
-            self.forget(&runner);
             self.runners.lock().expect("runners").remove(&(runner.home_node, home_pid));
         } else {
             info!(home_pid, pid = kept.pid, "took up a guest job; linked home again");

@@ -16,7 +16,7 @@ use rmosix_common::control::Refusal;
 use tracing::{info, warn};
 
 use super::{Daemon, FrameOut, MoveError, Phase, Pulse, Runner, SharedWriter, enter};
-use crate::channel::blocking::{Channel, Reader};
+use crate::channel::blocking::{Channel, Reader, Writer};
 use crate::protocol::{self, Change, Go, Moved, Offer, Verdict};
 
 /// What the destination made of a committed move.
@@ -125,6 +125,7 @@ impl Daemon {
         let (mut reader, writer) = link.into_split().map_err(net)?;
         let writer: SharedWriter = Arc::new(Mutex::new(writer));
         let pulse = Pulse::start(Arc::clone(&writer) as Arc<dyn FrameOut>, self.keepalive_every());
+        self.relinked_before_commit(runner);
         enter(Phase::Commit);
         info!(phase = %Phase::Commit, "images at the destination; recording the move at home");
         let change = Change { from_node: self.me().0, from_epoch: runner.epoch, to_node: to };
@@ -278,6 +279,27 @@ impl Daemon {
         let ask = crate::protocol::Ask { home_pid, change: None, lost: Some(reason.to_owned()) };
         if let Err(e) = self.ask_home(home, &ask, self.silence(), || {}) {
             warn!(home_pid, error = %e, "cannot tell home that the job is lost");
+        }
+    }
+
+    /// A guest whose link home broke (its home migd restarting) holds output home has not acknowledged;
+    /// once the move is recorded, home takes no link of this generation any more. So wait, for up to the
+    /// silence limit, until the guest's link loop (`serve_guest_link`) has linked again, which sends that
+    /// output again; it then goes before the link's last word (`MOVED`).
+    fn relinked_before_commit(&self, runner: &Runner) {
+        let Some(slot) = runner.link.lock().expect("link").clone() else { return };
+        let deadline = Instant::now() + self.silence();
+        let mut said = false;
+        while !slot.writer.lock().expect("slot").as_ref().is_some_and(Writer::established) {
+            if Instant::now() > deadline || slot.gone.load(Ordering::Relaxed) {
+                warn!(home_pid = runner.home_pid, "no link home; output not acknowledged yet may be lost");
+                return;
+            }
+            if !said {
+                info!(home_pid = runner.home_pid, "waiting for the link home before recording the move");
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
