@@ -313,6 +313,44 @@ impl Sink for RunnerStdin {
     }
 }
 
+/// Which job a copy belongs to and whose it is: the key of its home record, and the identity every copy of
+/// it runs with, no more and no less.
+#[derive(Debug, Clone)]
+struct Whose {
+    home_node: u32,
+    home_pid: i32,
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    command: Vec<String>,
+}
+
+impl From<&crate::protocol::Offer> for Whose {
+    fn from(offer: &crate::protocol::Offer) -> Self {
+        Self {
+            home_node: offer.home_node,
+            home_pid: offer.home_pid,
+            uid: offer.uid,
+            gid: offer.gid,
+            groups: offer.groups.clone(),
+            command: offer.command.clone(),
+        }
+    }
+}
+
+impl From<&Kept> for Whose {
+    fn from(kept: &Kept) -> Self {
+        Self {
+            home_node: kept.home_node,
+            home_pid: kept.home_pid,
+            uid: kept.uid,
+            gid: kept.gid,
+            groups: kept.groups.clone(),
+            command: kept.command.clone(),
+        }
+    }
+}
+
 /// A job running on this node.
 struct Runner {
     home_node: u32,
@@ -345,17 +383,8 @@ struct Runner {
 }
 
 impl Runner {
-    #[expect(clippy::too_many_arguments, reason = "a runner is all of these; the two call sites name them")]
-    fn new(
-        home_node: u32,
-        home_pid: i32,
-        (uid, gid, groups): (u32, u32, Vec<u32>),
-        command: Vec<String>,
-        job: Job,
-        stdin: Option<OwnedFd>,
-        epoch: u32,
-        cgroup: Option<JobCgroups>,
-    ) -> Self {
+    fn new(whose: Whose, job: Job, stdin: Option<OwnedFd>, epoch: u32, cgroup: Option<JobCgroups>) -> Self {
+        let Whose { home_node, home_pid, uid, gid, groups, command } = whose;
         Self {
             home_node,
             home_pid,
@@ -373,6 +402,18 @@ impl Runner {
             link: Mutex::new(None),
             in_move: AtomicBool::new(false),
             keeper: None,
+        }
+    }
+
+    /// Which job this copy is, and whose.
+    fn whose(&self) -> Whose {
+        Whose {
+            home_node: self.home_node,
+            home_pid: self.home_pid,
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+            command: self.command.clone(),
         }
     }
 
@@ -834,17 +875,15 @@ impl Daemon {
         };
         info!(home_pid, uid = peer.uid, pid = job.pid(), command = ?command, stay_home = req.options.stay_home, "job started");
         let (job_stdout, job_stderr) = (pipes.stdout, pipes.stderr);
-        let runner = Arc::new(Runner::new(
-            self.me().0,
+        let whose = Whose {
+            home_node: self.me().0,
             home_pid,
-            (peer.uid, peer.gid, credentials.groups),
+            uid: peer.uid,
+            gid: peer.gid,
+            groups: credentials.groups,
             command,
-            job,
-            Some(pipes.stdin),
-            0,
-            cgroup,
-        )
-        .kept_by(self.keeper.as_ref()));
+        };
+        let runner = Arc::new(Runner::new(whose, job, Some(pipes.stdin), 0, cgroup).kept_by(self.keeper.as_ref()));
         self.keep(&runner, job_stdout.as_fd(), job_stderr.as_fd(), false);
         self.attach_here(&home, &runner, job_stdout, job_stderr);
         relay::spawn_stoppable("deputy-stdin", stdin, home.stdin.clone(), Arc::clone(&home.stop_stdin));

@@ -161,12 +161,18 @@ fn two_hundred_jobs_at_once_finish_right_and_migd_gives_back_what_it_took() {
     });
     eprintln!("migd on node 1 after {JOBS} jobs: {after}");
     // What stays after one burst is what the allocator keeps for the next, not a leak: a second burst
-    // leaves migd where the first did.
+    // leaves migd where the first did. The allocator keeps what the busiest moment took, so a second burst
+    // that ran more jobs at the same moment than the first (the machine's other load decides) may leave
+    // as much more as its peak took more.
+    let peak_again = Peak::watch(migd);
     burst(&c, &u, 2000, JOBS);
+    let peak_again = peak_again.end();
+    let higher_peak = peak_again.rss_kib.saturating_sub(peak.rss_kib);
+    eprintln!("migd on node 1 at the peak of {JOBS} more jobs: {peak_again}");
     let mut again = Usage::default();
     wait_until(&format!("migd back where the first burst left it ({after})"), PATIENCE, || {
         again = Usage::of(migd);
-        again.back_to(Usage { rss_kib: after.rss_kib, ..base }, Usage { rss_kib: 4 << 10, ..slack })
+        again.back_to(Usage { rss_kib: after.rss_kib, ..base }, Usage { rss_kib: (4 << 10) + higher_peak, ..slack })
     });
     eprintln!("migd on node 1 after {JOBS} more jobs: {again}");
     // And every job's record says it ended, with its status.

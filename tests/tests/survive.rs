@@ -42,16 +42,21 @@ fn finish(mut child: std::process::Child, lines: &Lines) {
     assert_eq!(lines.finish(), expected(), "output whole: nothing lost, nothing twice");
 }
 
+/// Kills node `node`'s migd under its one python3 job and starts it again: the same process runs throughout.
+fn kill_and_restart_migd(c: &Cluster, node: u32) {
+    let [before] = c.processes(node, "python3")[..] else { panic!("one python3 on node {node}") };
+    c.kill_daemon(node, "migd").unwrap();
+    assert!(c.processes(node, "python3").contains(&before), "the job outlives migd");
+    c.start_migd(node).unwrap();
+    assert_eq!(c.processes(node, "python3"), vec![before], "the same process, taken up again");
+}
+
 #[test]
 fn a_job_at_home_outlives_its_migd_killed_and_restarted() {
     let c = Cluster::up(Spec::new("surhome", 2, bin_dir_of_current_test())).unwrap();
     let u = test_user().unwrap();
     let (child, lines) = start(&c, &u);
-    let [before] = c.processes(1, "python3")[..] else { panic!("one python3 on node 1") };
-    c.kill_daemon(1, "migd").unwrap();
-    assert!(c.processes(1, "python3").contains(&before), "the job outlives migd");
-    c.start_migd(1).unwrap();
-    assert_eq!(c.processes(1, "python3"), vec![before], "the same process, taken up again");
+    kill_and_restart_migd(&c, 1);
     // Its stdin too: the end of the deputy's input lets it finish.
     finish(child, &lines);
 }
@@ -63,10 +68,6 @@ fn a_guest_job_outlives_its_nodes_migd_killed_and_restarted() {
     let (child, lines) = start(&c, &u);
     let out = c.command_as(1, &u, "migrate").unwrap().args([child.id().to_string().as_str(), "2"]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    let [before] = c.processes(2, "python3")[..] else { panic!("one python3 on node 2") };
-    c.kill_daemon(2, "migd").unwrap();
-    assert!(c.processes(2, "python3").contains(&before), "the job outlives migd");
-    c.start_migd(2).unwrap();
-    assert_eq!(c.processes(2, "python3"), vec![before], "the same process, taken up again");
+    kill_and_restart_migd(&c, 2);
     finish(child, &lines);
 }

@@ -68,17 +68,7 @@ impl Daemon {
             let name = format!("{}-{}", JobCgroups::name(NodeId(kept.home_node), kept.home_pid.unsigned_abs()), kept.epoch);
             JobCgroups::open(parent, &name).ok()
         });
-        let runner = Arc::new(Runner::new(
-            kept.home_node,
-            kept.home_pid,
-            (kept.uid, kept.gid, kept.groups.clone()),
-            kept.command.clone(),
-            job,
-            stdin,
-            kept.epoch,
-            cgroup,
-        )
-        .kept_by(self.keeper.as_ref()));
+        let runner = Arc::new(Runner::new(kept.into(), job, stdin, kept.epoch, cgroup).kept_by(self.keeper.as_ref()));
         let home_pid = kept.home_pid;
         if kept.moving_to.is_some() || kept.arriving {
             // In the middle of a move when the previous migd ended: only home knows whether this copy is

@@ -15,7 +15,7 @@ use rmosix_checkpoint::transfer;
 use rmosix_common::control::Refusal;
 use tracing::{info, warn};
 
-use super::{Daemon, FrameOut, Phase, Pulse, Runner, SharedWriter, check_owner, enter};
+use super::{Daemon, FrameOut, Phase, Pulse, Runner, SharedWriter, Whose, check_owner, enter};
 use crate::channel::blocking::{Channel, Reader};
 use crate::protocol::{self, Ask, Go, Offer, Verdict};
 
@@ -138,8 +138,20 @@ impl Daemon {
 
     /// Restores an arriving job stopped, in a cgroup of its own, and checks it runs as its owner.
     fn restore_arrival(&self, images: &ImageDir, offer: &Offer) -> Result<(Arc<Runner>, OwnedFd, OwnedFd), String> {
-        let owner = Owner { uid: offer.uid, gid: offer.gid };
-        let (cgroup, placement) = self.job_cgroup(offer.home_node, offer.home_pid, offer.epoch);
+        self.restore_copy(images, offer.into(), offer.epoch)
+    }
+
+    /// Restores generation `epoch` of the job `whose` from `images`, stopped, in a cgroup of its own; checks
+    /// that every process runs as the owner and no one else, and gives the copy to the keeper. Returns the
+    /// runner and the job's stdout and stderr.
+    pub(super) fn restore_copy(
+        &self,
+        images: &ImageDir,
+        whose: Whose,
+        epoch: u32,
+    ) -> Result<(Arc<Runner>, OwnedFd, OwnedFd), String> {
+        let owner = Owner { uid: whose.uid, gid: whose.gid };
+        let (cgroup, placement) = self.job_cgroup(whose.home_node, whose.home_pid, epoch);
         let (job, pipes) = match Job::restore_stopped(&self.criu, images, placement, Some(owner)) {
             Ok(restored) => restored,
             Err(e) => {
@@ -149,19 +161,10 @@ impl Daemon {
                 return Err(e.to_string());
             }
         };
-        let runner = Arc::new(Runner::new(
-            offer.home_node,
-            offer.home_pid,
-            (offer.uid, offer.gid, offer.groups.clone()),
-            offer.command.clone(),
-            job,
-            Some(pipes.stdin),
-            offer.epoch,
-            cgroup,
-        )
-        .kept_by(self.keeper.as_ref()));
+        let groups = whose.groups.clone();
+        let runner = Arc::new(Runner::new(whose, job, Some(pipes.stdin), epoch, cgroup).kept_by(self.keeper.as_ref()));
         // The job runs with its owner's credentials and no other: check every process before it runs.
-        if let Err(e) = check_owner(runner.job.pid(), owner, &offer.groups) {
+        if let Err(e) = check_owner(runner.job.pid(), owner, &groups) {
             runner.kill_and_clean();
             return Err(format!("the restored job has the wrong owner: {e}"));
         }

@@ -2,14 +2,13 @@
 //! at each step and what happens when a step breaks.
 
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsFd as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rmosix_checkpoint::criu::{Owner, Placement};
+use rmosix_checkpoint::criu::Placement;
 use rmosix_checkpoint::images::ImageDir;
-use rmosix_checkpoint::job::{Job, JobError};
+use rmosix_checkpoint::job::JobError;
 use rmosix_checkpoint::transfer;
 use rmosix_common::NodeId;
 use rmosix_common::control::Refusal;
@@ -243,33 +242,11 @@ impl Daemon {
     /// Restores generation `epoch` of a job from `images` on this node (home has recorded it here) and lets
     /// it run, linked to its deputy.
     fn restore_here(self: &Arc<Self>, old: &Runner, images: &ImageDir, epoch: u32) -> Result<(), String> {
-        let owner = Owner { uid: old.uid, gid: old.gid };
-        let (cgroup, placement) = self.job_cgroup(old.home_node, old.home_pid, epoch);
-        let (job, pipes) = match Job::restore_stopped(&self.criu, images, placement, Some(owner)) {
-            Ok(restored) => restored,
-            Err(e) => {
-                if let Some(cgroup) = &cgroup {
-                    let _ = cgroup.remove();
-                }
-                return Err(e.to_string());
-            }
-        };
-        let runner = Arc::new(Runner::new(
-            old.home_node,
-            old.home_pid,
-            (old.uid, old.gid, old.groups.clone()),
-            old.command.clone(),
-            job,
-            Some(pipes.stdin),
-            epoch,
-            cgroup,
-        )
-        .kept_by(self.keeper.as_ref()));
-        self.keep(&runner, pipes.stdout.as_fd(), pipes.stderr.as_fd(), true);
+        let (runner, stdout, stderr) = self.restore_copy(images, old.whose(), epoch)?;
         if old.home_node == self.me().0 {
-            self.arrive_home(&runner, pipes.stdout, pipes.stderr, None)
+            self.arrive_home(&runner, stdout, stderr, None)
         } else {
-            self.run_guest(&runner, (pipes.stdout, pipes.stderr), None, true)
+            self.run_guest(&runner, (stdout, stderr), None, true)
         }
         .inspect_err(|_| runner.kill_and_clean())
     }
