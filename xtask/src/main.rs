@@ -120,8 +120,8 @@ pub struct GossipBenchArgs {
 
 /// Whether `cargo xtask test` (without a test filter) ends with [`FAULT_TRIALS_IN_TEST`] trials of
 /// `cargo xtask faults`, chosen at random, and fails if any of them loses or doubles the job or leaves
-/// something behind. Off while moves do not yet survive every fault the harness makes.
-const FAULTS_IN_TEST: bool = false;
+/// something behind.
+const FAULTS_IN_TEST: bool = true;
 /// How many fault trials `cargo xtask test` runs when [`FAULTS_IN_TEST`] is on.
 const FAULT_TRIALS_IN_TEST: u32 = 10;
 
