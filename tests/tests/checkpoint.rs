@@ -277,11 +277,31 @@ fn a_failed_restore_leaves_the_original_to_resume() {
 }
 
 /// criu dumps an ordinary user's job as that user, so the user can stop it (`kill -STOP`): the dump must
-/// then fail within its limit, and the job run on where it was, its output whole.
+/// then fail within its limit, and the job run on where it was, its output whole. The criu here is the
+/// real one behind a wrapper that, once armed, stops itself as the user before it answers, so the stop
+/// always comes before the dump could end.
 #[test]
 fn a_criu_stopped_by_the_jobs_owner_fails_the_dump_and_the_job_runs_on() {
-    let criu = criu().with_answer_limit(Duration::from_secs(3));
     let user = rmosix_testcluster::user::test_user().unwrap();
+    let dir = PathBuf::from(format!("/dev/shm/rmosix-test-stopped-criu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (wrapper, armed) = (dir.join("criu"), dir.join("armed"));
+    let real = criu();
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = swrk ] && [ -e {armed} ] && [ \"$(id -u)\" = {uid} ]; then kill -STOP $$; fi\n\
+             exec {real} \"$@\"\n",
+            armed = armed.display(),
+            uid = user.uid,
+            real = real.path().display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let criu = Criu::new(&wrapper, "/dev/shm/rmosix-test-logs").unwrap().with_answer_limit(Duration::from_secs(3));
     let script = "i=0; while [ $i -lt 150 ]; do echo $i; i=$((i + 1)); sleep 0.02; done";
     let mut spec = spec(&[]);
     spec.program = "/bin/sh".into();
@@ -294,32 +314,15 @@ fn a_criu_stopped_by_the_jobs_owner_fails_the_dump_and_the_job_runs_on() {
     let rx = reader(stdio.stdout);
     let mut seen = Vec::new();
     take(&rx, 10, &mut seen);
-    // Stop the criu that runs as the user, as the user could.
-    let stopper = std::thread::spawn(move || {
-        for _ in 0..500 {
-            for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-                let dir = entry.path();
-                let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
-                let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-                let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok());
-                if uid == Some(user.uid) && cmdline.windows(4).any(|w| w == b"swrk") {
-                    let pid: i32 = entry.file_name().to_string_lossy().parse().unwrap();
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP);
-                    return true;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        false
-    });
+    File::create(&armed).unwrap();
     let images = ImageDir::create(Path::new(IMAGES)).unwrap();
     let error = job.dump(&criu, &images, &Placement::default()).map(|_| ()).unwrap_err();
-    assert!(stopper.join().unwrap(), "criu was never seen running as the user");
     assert!(error.to_string().contains("did not answer within 3 s"), "{error}");
     drain(&rx, &mut seen);
     let expected: Vec<String> = (0..150).map(|i| i.to_string()).collect();
     assert_eq!(seen, expected, "the job ran on, its output whole");
     assert_eq!(job.wait().unwrap(), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A job running `python3 -c SCRIPT ARGS...`.
