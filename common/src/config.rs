@@ -68,6 +68,10 @@ pub struct MigdConfig {
     /// what arrives while eight times this many wait. This bounds the threads and descriptors one user
     /// can take from migd; root is not counted, so its tools get through whatever users do.
     pub requests_per_user: u32,
+    /// Watch jobs with the eBPF probes (`rmosix_ebpf_probes`). When false, or when they cannot load, migd
+    /// reads `/proc` instead: coarser (the counts of a job's processes that exited go with them) and a
+    /// little dearer per job, but no program runs in the kernel.
+    pub probes: bool,
 }
 
 impl Default for MigdConfig {
@@ -80,6 +84,7 @@ impl Default for MigdConfig {
             max_image_bytes: 0,
             silence_secs: 30,
             requests_per_user: 32,
+            probes: true,
         }
     }
 }

@@ -65,6 +65,77 @@ pub enum Hint {
     IoBound,
 }
 
+/// What kind of job a job is, as the migd of the node it runs on sees it (see `rmosix_migd::observe`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// Wants a CPU: worth moving to a node with one to spare.
+    Cpu,
+    /// Waits for its I/O: gains nothing from another CPU.
+    Io,
+    /// Uses next to nothing.
+    Sleeping,
+    /// Cannot move (the job view says why).
+    Unmigratable,
+}
+
+impl std::fmt::Display for Class {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Class::Cpu => "cpu",
+            Class::Io => "io",
+            Class::Sleeping => "sleeping",
+            Class::Unmigratable => "unmigratable",
+        })
+    }
+}
+
+/// What travels with every copy of a job besides its identity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobFacts {
+    /// The owner's hint (`mosrun -c`, `-i`), which fixes the job's class.
+    pub hint: Option<Hint>,
+    /// When the job started, seconds since the Unix epoch.
+    pub started: u64,
+    /// Moves completed so far.
+    pub migrations: u32,
+}
+
+/// One job as the node it runs on sees it (`mosctl jobs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub home_node: u32,
+    pub home_pid: i32,
+    /// Where it runs, and its host PID there (its `rmosix-init`).
+    pub node: u32,
+    pub pid: i32,
+    pub uid: u32,
+    pub command: Vec<String>,
+    /// `running`, `stopped` (by a signal) or `moving`.
+    pub state: String,
+    pub class: Class,
+    /// Why it cannot move, when it cannot.
+    pub reason: Option<String>,
+    /// Percent of one CPU, decayed over seconds.
+    pub cpu: f64,
+    /// Resident memory, bytes.
+    pub rss: u64,
+    pub read_bps: u64,
+    pub write_bps: u64,
+    pub migrations: u32,
+    /// Seconds since the Unix epoch.
+    pub started: u64,
+}
+
+/// What one node said of its jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeJobs {
+    pub node: u32,
+    /// Where its counters come from: `bpf (tp_btf)`, `bpf (raw_tp)` or `proc (why)`.
+    pub source: String,
+    pub jobs: Vec<JobView>,
+}
+
 /// How a job may move.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunOptions {
@@ -136,6 +207,8 @@ pub enum Request {
     Reattach,
     /// How many guest jobs (homed elsewhere) run on this node: infod advertises it.
     Guests,
+    /// Every job of the cluster, asked of every live node's migd.
+    Jobs,
 }
 
 /// Why migd refused.
@@ -172,6 +245,9 @@ pub enum Response {
     Refused { why: Refusal, message: String },
     /// The number of guest jobs running here.
     Guests { count: u32 },
+    /// Every job of the cluster, by the node it runs on; `unreachable` names the nodes that are up but did
+    /// not answer in time, and why.
+    Jobs { nodes: Vec<NodeJobs>, unreachable: Vec<(u32, String)> },
 }
 
 /// Asks the migd at `socket` how many guest jobs run on its node, giving it `timeout` to take the connection,

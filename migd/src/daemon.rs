@@ -31,7 +31,7 @@ use rmosix_checkpoint::job::{Credentials, Job, JobSpec};
 use rmosix_checkpoint::migratable;
 use rmosix_common::NodeId;
 use rmosix_common::cgroup::{CONTROLLERS, Cgroup, Hierarchy, JOB_PREFIX, JobCgroups};
-use rmosix_common::control::{self, ControlError, Refusal, Request, Response, Run, Target, Where};
+use rmosix_common::control::{self, ControlError, JobFacts, Refusal, Request, Response, Run, Target, Where};
 use rmosix_common::node::Settings;
 use rmosix_common::query;
 use tracing::{info, warn};
@@ -41,6 +41,7 @@ use crate::protocol::{self, Ask, Attach, Moved, Offer};
 
 mod adoption;
 mod destination;
+mod jobs;
 mod ownership;
 mod source;
 use crate::records::{JobRecord, JobState, RecordStore, RecordsError};
@@ -323,6 +324,7 @@ struct Whose {
     gid: u32,
     groups: Vec<u32>,
     command: Vec<String>,
+    facts: JobFacts,
 }
 
 impl From<&crate::protocol::Offer> for Whose {
@@ -334,6 +336,7 @@ impl From<&crate::protocol::Offer> for Whose {
             gid: offer.gid,
             groups: offer.groups.clone(),
             command: offer.command.clone(),
+            facts: offer.facts,
         }
     }
 }
@@ -347,6 +350,7 @@ impl From<&Kept> for Whose {
             gid: kept.gid,
             groups: kept.groups.clone(),
             command: kept.command.clone(),
+            facts: kept.facts,
         }
     }
 }
@@ -360,6 +364,7 @@ struct Runner {
     /// The owner's supplementary groups when the job started: a restored job must have these and no more.
     groups: Vec<u32>,
     command: Vec<String>,
+    facts: JobFacts,
     job: Arc<Job>,
     /// Write end of the job's stdin pipe, while open.
     stdin: Arc<Mutex<Option<Arc<File>>>>,
@@ -384,7 +389,7 @@ struct Runner {
 
 impl Runner {
     fn new(whose: Whose, job: Job, stdin: Option<OwnedFd>, epoch: u32, cgroup: Option<JobCgroups>) -> Self {
-        let Whose { home_node, home_pid, uid, gid, groups, command } = whose;
+        let Whose { home_node, home_pid, uid, gid, groups, command, facts } = whose;
         Self {
             home_node,
             home_pid,
@@ -392,6 +397,7 @@ impl Runner {
             gid,
             groups,
             command,
+            facts,
             job: Arc::new(job),
             stdin: Arc::new(Mutex::new(stdin.map(|fd| Arc::new(File::from(fd))))),
             moving: AtomicBool::new(false),
@@ -414,6 +420,7 @@ impl Runner {
             gid: self.gid,
             groups: self.groups.clone(),
             command: self.command.clone(),
+            facts: self.facts,
         }
     }
 
@@ -447,6 +454,7 @@ impl Runner {
             pid: self.job.pid(),
             pipes: self.job.pipes(),
             stdin_open: self.stdin.lock().expect("stdin").is_some(),
+            facts: self.facts,
             moving_to,
             arriving,
         }
@@ -549,6 +557,8 @@ pub struct Daemon {
     /// Jobs homed here that ran on when the previous migd ended, taken up from the keeper, waiting for
     /// their deputies to come back: the runner, its stdout and stderr, and whether it must still be let run.
     adopted: Mutex<HashMap<i32, Adopted>>,
+    /// What the jobs running here do, and their class.
+    observer: crate::observe::Observer,
 }
 
 /// A job homed here, taken up from the keeper: the runner, its stdout and stderr read ends, and whether
@@ -595,6 +605,16 @@ impl Daemon {
             }
         }
         let jobs_cgroup = jobs_cgroup();
+        let observer = if settings.config.migd.probes {
+            let observer = crate::observe::Observer::start();
+            // Loading parsed the kernel's BTF, megabytes that are free now: give them back, or migd stays
+            // that much bigger, and the OOM killer of a node short of memory picks it over a job.
+            // SAFETY: malloc_trim only takes the allocator's own locks.
+            unsafe { libc::malloc_trim(0) };
+            observer
+        } else {
+            crate::observe::Observer::without_probes("migd.probes = false")
+        };
         let keeper_program = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("rmosix-keeper"))).unwrap_or_default();
         let keeper_socket = settings.config.migd.socket.with_file_name("keeper.sock");
         let keeper = match Keeper::connect_or_start(&keeper_socket, &keeper_program) {
@@ -616,6 +636,7 @@ impl Daemon {
             ownership: Mutex::new(()),
             keeper,
             adopted: Mutex::new(HashMap::new()),
+            observer,
         })
     }
 
@@ -690,6 +711,7 @@ impl Daemon {
     pub fn serve(self: &Arc<Self>) -> Result<(), StartError> {
         // Before anyone can ask for them: the jobs that ran on while no migd was here.
         self.adopt_kept();
+        self.start_sampling();
         let addr = SocketAddr::from((self.settings.addr(), self.settings.config.migd.port));
         let tcp = TcpListener::bind(addr).map_err(|source| StartError::Listen { what: addr.to_string(), source })?;
         let daemon = Arc::clone(self);
@@ -782,6 +804,9 @@ impl Daemon {
                 let count = self.runners.lock().expect("runners").keys().filter(|(home, _)| *home != me).count();
                 let count = u32::try_from(count).unwrap_or(u32::MAX);
                 let _ = control::send(&mut stream, &Response::Guests { count });
+            }
+            Request::Jobs => {
+                let _ = control::send(&mut stream, &self.cluster_jobs());
             }
             Request::Signal { .. } => refuse(&mut stream, Refusal::BadRequest, "signal outside a run session"),
         }
@@ -882,6 +907,11 @@ impl Daemon {
             gid: peer.gid,
             groups: credentials.groups,
             command,
+            facts: JobFacts {
+                hint: req.options.hint,
+                started: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                migrations: 0,
+            },
         };
         let runner = Arc::new(Runner::new(whose, job, Some(pipes.stdin), 0, cgroup).kept_by(self.keeper.as_ref()));
         self.keep(&runner, job_stdout.as_fd(), job_stderr.as_fd(), false);
@@ -1278,6 +1308,9 @@ impl Daemon {
                 }
                 Err(e) => warn!(%addr, error = %e, "bad record question"),
             },
+            Ok((protocol::JOBS_ASK, _)) => {
+                let _ = link.send_json(protocol::JOBS, &self.node_jobs());
+            }
             Ok((kind, _)) => warn!(%addr, kind, "unexpected first message; dropped"),
             Err(e) => warn!(%addr, error = %e, "peer went away"),
         }

@@ -47,6 +47,9 @@ pub struct Kept {
     pub moving_to: Option<u32>,
     /// The job arrived by a move and had not been let run yet: resumed only if home's record names it.
     pub arriving: bool,
+    /// Its hint, start time and moves so far.
+    #[serde(default)]
+    pub facts: rmosix_common::control::JobFacts,
 }
 
 impl Kept {
@@ -306,6 +309,7 @@ mod tests {
             pid: 4242,
             pipes: [1, 2, 3, 4],
             stdin_open,
+            facts: rmosix_common::control::JobFacts::default(),
             moving_to: None,
             arriving: false,
         }

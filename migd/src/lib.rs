@@ -3,12 +3,13 @@
 //!
 //! [`channel`]: the authenticated connection between two migds. [`records`]: the home records. [`limits`]:
 //! what one local user can hold of migd through its control socket. [`keeper`]: what lets jobs outlive
-//! migd.
+//! migd. [`observe`]: what each job running here does, and its class.
 
 pub mod channel;
 pub mod daemon;
 pub mod keeper;
 pub mod limits;
+pub mod observe;
 pub mod protocol;
 pub mod relay;
 pub mod records;

@@ -1,6 +1,6 @@
 //! The messages migds exchange over an authenticated [`crate::channel`].
 //!
-//! Three kinds of connection, told apart by their first frame:
+//! Four kinds of connection, told apart by their first frame:
 //!
 //! A **migration** (`OFFER`): the node the job runs on (the source) offers it to the destination, which
 //! accepts or refuses; the source sends the images (`IMAGES`, then the raw image stream); the destination
@@ -12,6 +12,8 @@
 //! A **record question** (`RECORD_ASK`): any node involved in a move asks the job's home node where the job
 //! is (node and generation), or asks it to change that record from one place to another. The home record is
 //! where a move commits; see `daemon::ownership`.
+//!
+//! A **jobs question** (`JOBS_ASK`): what runs on the node asked (`mosctl jobs`); the answer is `JOBS`.
 //!
 //! A **job link** (`ATTACH`): the node a job runs on, when that is not its home, connects to the home node;
 //! home answers `ATTACHED` only if its record names that node and generation, else `REFUSED`. The job's
@@ -42,6 +44,11 @@ pub const KEEPALIVE: u8 = 8;
 pub const RECORD_ASK: u8 = 30;
 /// Home's answer: [`RecordState`].
 pub const RECORD_STATE: u8 = 31;
+
+/// What jobs run on the node asked, the first frame of its connection (no payload).
+pub const JOBS_ASK: u8 = 32;
+/// The answer: `rmosix_common::control::NodeJobs`.
+pub const JOBS: u8 = 33;
 
 /// A job link: the first frame, from the node running the job to its home: [`Attach`].
 pub const ATTACH: u8 = 10;
@@ -91,6 +98,9 @@ pub struct Offer {
     pub image_bytes: u64,
     /// The job link generation this move starts (one more per move).
     pub epoch: u32,
+    /// Its hint, start time and moves so far, this one included.
+    #[serde(default)]
+    pub facts: rmosix_common::control::JobFacts,
 }
 
 /// An answer: yes, or no and why.

@@ -375,6 +375,11 @@ impl Cluster {
         format!("rmx-{}-{i}", self.spec.name)
     }
 
+    /// The directory of the binaries the nodes run.
+    pub fn bin_dir(&self) -> &Path {
+        &self.spec.bin_dir
+    }
+
     /// State directory of node `i`.
     pub fn node_dir(&self, i: u32) -> PathBuf {
         self.dir.join(format!("node{i}"))

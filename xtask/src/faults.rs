@@ -1397,12 +1397,22 @@ fn leftovers(site: &Site) -> Vec<String> {
             if comm.trim() == "rmosix-keeper" {
                 // The node's keeper is a daemon too (it exits when it has held nothing for a while); what
                 // it must not hold is a job that has gone.
-                let keeper = rmosix_migd::keeper::Keeper::at(&c.migd_socket(i).with_file_name("keeper.sock"));
-                match keeper.list() {
-                    Ok(held) => found.extend(held.iter().map(|(kept, _)| {
-                        format!("node {i}'s keeper still holds job {} (pid {})", kept.id(), kept.pid)
-                    })),
-                    Err(e) => found.push(format!("node {i}'s keeper, process {pid}, does not answer: {e}")),
+                let socket = c.migd_socket(i).with_file_name("keeper.sock");
+                let listed = std::process::Command::new(c.bin_dir().join("rmosix-keeper"))
+                    .arg("--list")
+                    .arg(&socket)
+                    .output();
+                match listed {
+                    Ok(out) if out.status.success() => found.extend(
+                        String::from_utf8_lossy(&out.stdout)
+                            .lines()
+                            .map(|held| format!("node {i}'s keeper still holds job {held}")),
+                    ),
+                    Ok(out) => found.push(format!(
+                        "node {i}'s keeper, process {pid}, does not answer: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )),
+                    Err(e) => found.push(format!("cannot run rmosix-keeper --list: {e}")),
                 }
                 continue;
             }

@@ -1,16 +1,24 @@
 //! `rmosix-keeper SOCKET`: holds the pipes of migd's jobs so that they outlive migd; see
-//! `rmosix_migd::keeper`. migd starts it; it runs until killed.
+//! `rmosix_migd::keeper`. migd starts it; it runs until it has held nothing for a while.
 //!
-//! Exit codes: 1 if it cannot listen on SOCKET, 2 on bad arguments.
+//! `rmosix-keeper --list SOCKET`: asks the keeper listening on SOCKET what it holds and prints one line
+//! per job generation: `HOME_NODE-HOME_PID-EPOCH pid PID uid UID` and `moving to N` or `arriving` when the
+//! job was in the middle of a move.
+//!
+//! Exit codes: 1 if it cannot listen on SOCKET (or, with `--list`, no keeper answers), 2 on bad arguments.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let mut args = std::env::args_os().skip(1);
-    let (Some(path), None) = (args.next(), args.next()) else {
-        eprintln!("usage: rmosix-keeper SOCKET");
-        return ExitCode::from(2);
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let path = match &args[..] {
+        [path] => path,
+        [flag, path] if flag == "--list" => return list(std::path::Path::new(path)),
+        _ => {
+            eprintln!("usage: rmosix-keeper SOCKET | rmosix-keeper --list SOCKET");
+            return ExitCode::from(2);
+        }
     };
     let path = std::path::PathBuf::from(path);
     // A socket left by a keeper that died: nobody answers on it (migd starts a keeper only then).
@@ -28,4 +36,25 @@ fn main() -> ExitCode {
     }
     rmosix_migd::keeper::serve(&listener, &path);
     ExitCode::SUCCESS
+}
+
+/// Prints what the keeper at `path` holds.
+fn list(path: &std::path::Path) -> ExitCode {
+    match rmosix_migd::keeper::Keeper::at(path).list() {
+        Ok(held) => {
+            for (kept, _) in held {
+                let moving = match (kept.moving_to, kept.arriving) {
+                    (Some(to), _) => format!(" moving to {to}"),
+                    (None, true) => " arriving".to_owned(),
+                    (None, false) => String::new(),
+                };
+                println!("{} pid {} uid {}{moving}", kept.id(), kept.pid, kept.uid);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rmosix-keeper: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -10,7 +10,8 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use rmosix_common::key::ClusterKey;
 use rmosix_common::query::{Request, Response, ask};
-use rmosix_mosctl::{infod_socket, status_json, status_table};
+use rmosix_common::control;
+use rmosix_mosctl::{JobFilter, infod_socket, jobs_json, jobs_table, status_json, status_table};
 
 /// Administer an rmosix node and look at the cluster.
 #[derive(Debug, Parser)]
@@ -39,6 +40,21 @@ enum Command {
         /// Memory the job needs, in MiB; nodes with less free memory are passed over.
         #[arg(long, short, default_value_t = 0)]
         mem: u64,
+    },
+    /// Show every job of the cluster wherever it runs: asked of every live node's migd.
+    Jobs {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only the jobs running on node N.
+        #[arg(long)]
+        node: Option<u32>,
+        /// Only the jobs of user U (a name or a uid).
+        #[arg(long)]
+        user: Option<String>,
+        /// migd's control socket (default: `$RMOSIX_MIGD_SOCKET`, else the configuration's `migd.socket`).
+        #[arg(long)]
+        migd_socket: Option<PathBuf>,
     },
     /// Write a new random cluster key to FILE (mode 0600); copy it to every node.
     Genkey { file: PathBuf },
@@ -75,10 +91,40 @@ fn run(args: Args) -> anyhow::Result<()> {
             };
             println!("{node}");
         }
+        Command::Jobs { json, node, user, migd_socket } => {
+            let uid = user.map(|u| uid_of(&u)).transpose()?;
+            let socket = rmosix_mosctl::migd_socket(migd_socket.as_deref(), args.config.as_deref())?;
+            let mut stream = std::os::unix::net::UnixStream::connect(&socket)
+                .with_context(|| format!("cannot reach migd at {} (is migd running?)", socket.display()))?;
+            control::send(&mut stream, &control::Request::Jobs)?;
+            let control::Response::Jobs { nodes, unreachable } =
+                control::recv::<control::Response>(&mut stream).context("migd did not answer")?
+            else {
+                bail!("migd answered a jobs request with something else");
+            };
+            let filter = JobFilter { node, uid };
+            if json {
+                println!("{}", jobs_json(&nodes, &unreachable, &filter));
+            } else {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                print!("{}", jobs_table(&nodes, &unreachable, &filter, now));
+            }
+        }
         Command::Genkey { file } => {
             ClusterKey::generate().write_new(&file)?;
             println!("wrote a new cluster key to {}", file.display());
         }
     }
     Ok(())
+}
+
+/// A user name or uid as a uid.
+fn uid_of(user: &str) -> anyhow::Result<u32> {
+    if let Ok(uid) = user.parse() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(user) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        _ => bail!("no user {user:?} on this node"),
+    }
 }
