@@ -25,7 +25,7 @@ fn main() {
 
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     if arch != "x86_64" {
-        fail(&format!("the eBPF probes know only x86-64 (syscall numbers, pt_regs), and the target is {arch}"));
+        fail(&format!("the eBPF probes are built and tested for x86-64 only, and the target is {arch}"));
     }
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
     match Command::new(&clang).arg("--version").output() {

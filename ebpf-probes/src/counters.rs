@@ -7,7 +7,9 @@ use std::ops::{Add, AddAssign};
 ///
 /// From the probes ([`Probes`](crate::Probes)) the counts start when the process was watched (or forked
 /// from a watched one); from [`proc_counters`](crate::proc_counters) they start at the process's start.
-/// Either way they only grow: compare two readings with [`Counters::since`] to get what happened in between.
+/// Either way they grow, but for a reading taken while a thread exits, which may come out a little low:
+/// compare two readings with [`Counters::since`] to get what happened in between. Every field is a total
+/// the kernel keeps per thread; the crate docs say which.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Time on a CPU, in nanoseconds.
@@ -19,14 +21,16 @@ pub struct Counters {
     pub voluntary_switches: u64,
     /// Switches away while still runnable: preemption (and yields).
     pub involuntary_switches: u64,
-    /// System calls entered.
+    /// Read- and write-family system calls (`read`, `readv`, `pread64`, `write`, `sendfile`, ...; not the
+    /// `send`/`recv` family): the kernel's `syscr + syscw`. Not every system call.
     pub syscalls: u64,
-    /// Bytes returned by read-like system calls (files, pipes, sockets alike).
+    /// Bytes returned by read-family system calls (files, pipes, sockets alike; not `recv` and its kin).
     pub read_bytes: u64,
-    /// Bytes accepted by write-like system calls (files, pipes, sockets alike).
+    /// Bytes accepted by write-family system calls (files, pipes, sockets alike; not `send` and its kin).
     pub write_bytes: u64,
-    /// Bytes of block I/O the process itself submitted or caused (see the crate docs for what each source
-    /// counts): the part of its I/O that reaches the disk, which a move can't take along.
+    /// Bytes of storage I/O the process caused: read from the block layer, plus page cache dirtied for
+    /// storage (less what was dropped unwritten). The part of its I/O that reaches a disk, which a move
+    /// can't take along.
     pub block_bytes: u64,
     /// Page faults served without I/O.
     pub minor_faults: u64,
@@ -36,7 +40,7 @@ pub struct Counters {
 
 impl Counters {
     /// What happened between `earlier` and `self`, two readings of the same process or job. Saturates at
-    /// zero: a job whose exited processes were not yet folded into it can read a little lower than before.
+    /// zero: a reading taken while a thread exits can come out a little lower than the one before.
     #[must_use]
     pub fn since(&self, earlier: &Counters) -> Counters {
         Counters {

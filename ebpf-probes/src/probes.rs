@@ -1,21 +1,53 @@
-//! [`Probes`]: the eBPF programs of `bpf/probes.bpf.c` loaded and attached, and the maps user space
-//! shares with them.
+//! [`Probes`]: the eBPF programs of `bpf/probes.bpf.c` loaded and attached, the maps user space shares
+//! with them, and the readings that join those maps with `/proc`.
 //!
-//! The C side counts into per-CPU, per-process maps and keeps per-thread timestamps; this side tells it
-//! which processes to watch, sums the per-CPU copies, adds the time of slices still in progress, and folds
-//! the counts of processes that exited into their job, so that the kernel maps hold live processes only.
+//! # A reading
+//!
+//! A job's counters are the sum, over its processes, of what their threads used: the threads alive now,
+//! read from `/proc` ([`procfs::threads`]), and the threads that exited, which the programs added up as
+//! each exited (`process_exits`, per process). Each thread must be counted exactly once, on one side or the
+//! other, although it moves from one to the other at any moment. So:
+//!
+//! 1. The exits are read first.
+//! 2. Then the live threads, from `/proc`, skipping those with `PF_EXITING` (or zombies): `do_exit()` sets
+//!    it before `sched_process_exit`, so a thread the map has counted is always skipped, and a thread
+//!    whose files show no `PF_EXITING` is counted in the map only at a later reading.
+//!
+//! What can go wrong is on the low side only, and lasts one reading: a thread that begins to exit after
+//! the map was read and before its own files are, or that is between `PF_EXITING` and
+//! `sched_process_exit` (microseconds) when the map is read, is in neither. Nothing is counted twice.
+//!
+//! # Ended processes
+//!
+//! The exit that finds a process's `signal->live` at 0 marks it ended in `watched`. Its entries are
+//! collected by user space ([`collect`]) once it has been seen ended for [`COLLECT_AFTER`] (a thread that
+//! counted itself out of `signal->live` before the last one may reach `sched_process_exit` after it, by
+//! microseconds): its exits move to the job's sums kept here, and it leaves both maps. The programs never
+//! delete from a map another program or user space writes, so taking an entry is reading it and deleting
+//! it, here. A process that disappeared without being marked (an exit the program did not see) is
+//! collected the same way once `/proc` has not shown it for as long.
+//!
+//! # Counting from the watch
+//!
+//! The kernel's totals start with each thread, and a process given to [`Probes::watch`] has a past. What
+//! it had used by then is its offset, kept here, per process and summed per job, and subtracted from every
+//! reading: its threads count from the watch, whether they are alive at a reading or have exited since. A
+//! process forked by a watched one has no offset: it counts from its fork.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{BtfTracePoint, ProgramError, RawTracePoint};
 use aya::{Btf, BtfError, Ebpf, EbpfError, EbpfLoader, Pod};
-use nix::time::{ClockId, clock_gettime};
 
 use crate::Counters;
+use crate::procfs;
+use crate::totals::Totals;
 
 /// The probes built as BTF-typed tracepoints (`tp_btf`), see `build.rs`.
 static TP_BTF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probes.tp_btf.o"));
@@ -23,31 +55,21 @@ static TP_BTF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 /// The same probes built as raw tracepoints (`raw_tp`).
 static RAW_TP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probes.raw_tp.o"));
 
-/// How many processes, over all jobs, can be watched at once (`MAX_PROCESSES` in `bpf/probes.h`).
-/// [`Probes::watch`] fails beyond it; a fork beyond it goes uncounted and shows in
-/// [`Usage::dropped_processes`].
+/// How many processes, over all jobs, can be watched at once (`MAX_PROCESSES` in `bpf/probes.h`), alive
+/// or ended and not yet collected. [`Probes::watch`] fails beyond it; a fork beyond it goes uncounted and
+/// shows in [`Usage::dropped_processes`].
 pub const MAX_PROCESSES: usize = 16384;
 
-/// How many threads of watched processes are tracked at once (`MAX_THREADS` in `bpf/probes.h`). Beyond
-/// it a thread's CPU time, run delay and faults go uncounted, and show in [`Usage::dropped_threads`].
-pub const MAX_THREADS: usize = 16384;
-
-/// The tracepoints the probes attach to. Each program is named after its tracepoint.
-const TRACEPOINTS: &[&str] = &[
-    "sched_switch",
-    "sched_wakeup",
-    "sched_wakeup_new",
-    "sched_process_fork",
-    "sched_process_exit",
-    "sched_process_exec",
-    "sys_enter",
-    "sys_exit",
-    "block_bio_queue",
-];
+/// The tracepoints the probes attach to, all rare events. Each program is named after its tracepoint.
+const TRACEPOINTS: &[&str] = &["sched_process_fork", "sched_process_exit", "sched_process_free"];
 
 /// How many lines of the verifier's log an error keeps: the reason for a refusal is at its end, and the
 /// whole log can run to megabytes.
 const VERIFIER_LOG_LINES: usize = 25;
+
+/// How long a process is seen ended, or gone from `/proc`, before its entries are collected: late threads
+/// reach `sched_process_exit` within microseconds of the last one.
+const COLLECT_AFTER: Duration = Duration::from_secs(1);
 
 /// How the probes are attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,118 +99,96 @@ impl fmt::Display for Kind {
     }
 }
 
-/// `struct counters` of `bpf/probes.h`: one CPU's copy of a process's counters.
+/// `struct watched` of `bpf/probes.h`: a watched process.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-struct RawCounters {
-    /// The job; set in the copy of the CPU that created the entry (all copies when user space did).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Watched {
+    /// Its job.
     job: u32,
-    /// Explicit padding, so that the struct has no uninitialised bytes.
-    _pad: u32,
-    /// See [`Counters`] for the rest.
-    cpu_ns: u64,
-    wait_ns: u64,
-    voluntary_switches: u64,
-    involuntary_switches: u64,
-    syscalls: u64,
-    read_bytes: u64,
-    write_bytes: u64,
-    block_bytes: u64,
-    minor_faults: u64,
-    major_faults: u64,
+    /// Not 0 once its last thread has begun to exit.
+    ended: u32,
+    /// Its `signal_struct`, set with `ended`.
+    signal: u64,
 }
 
 // SAFETY: `repr(C)`, integers only, no implicit padding: every bit pattern is a valid value.
-unsafe impl Pod for RawCounters {}
+unsafe impl Pod for Watched {}
 
-impl From<&RawCounters> for Counters {
-    fn from(raw: &RawCounters) -> Counters {
-        Counters {
-            cpu_ns: raw.cpu_ns,
-            wait_ns: raw.wait_ns,
-            voluntary_switches: raw.voluntary_switches,
-            involuntary_switches: raw.involuntary_switches,
-            syscalls: raw.syscalls,
-            read_bytes: raw.read_bytes,
-            write_bytes: raw.write_bytes,
-            block_bytes: raw.block_bytes,
-            minor_faults: raw.minor_faults,
-            major_faults: raw.major_faults,
-        }
-    }
-}
-
-/// `struct thread_state` of `bpf/probes.h`.
+/// `struct process_exits` of `bpf/probes.h`: the exited threads of one process.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
-struct RawThread {
-    /// The thread's process.
-    tgid: u32,
-    /// Explicit padding.
+struct ProcessExits {
+    /// The process's job when the entry was made.
+    job: u32,
+    /// Explicit padding, so that the struct has no uninitialised bytes.
     _pad: u32,
-    /// `CLOCK_MONOTONIC` ns of its switch in; 0 while off CPU.
-    oncpu_since: u64,
-    /// `CLOCK_MONOTONIC` ns since it has been waiting for a CPU; 0 when not waiting.
-    queued_since: u64,
-    /// Its fault counts when last seen.
-    min_flt: u64,
-    maj_flt: u64,
+    /// Their totals, summed.
+    totals: Totals,
 }
 
-// SAFETY: as for `RawCounters`.
-unsafe impl Pod for RawThread {}
+// SAFETY: as for `Watched`.
+unsafe impl Pod for ProcessExits {}
 
 /// Indexes of the `overflows` map (`OVERFLOW_*` in `bpf/probes.h`).
 const OVERFLOW_PROCESSES: u32 = 0;
-const OVERFLOW_THREADS: u32 = 1;
+const OVERFLOW_EXITS: u32 = 1;
 
 /// How full the probes' maps are.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
-    /// Live processes watched, of [`MAX_PROCESSES`].
+    /// Processes watched, of [`MAX_PROCESSES`]: live ones, and ended ones not collected yet (a second or
+    /// so after they end).
     pub processes: usize,
-    /// Threads tracked, of [`MAX_THREADS`].
+    /// Threads of the live watched processes that `/proc` lists now. The probes keep no state per live
+    /// thread: this is what a reading reads.
     pub threads: usize,
-    /// Processes left uncounted since the load because the process maps were full.
+    /// Processes forked by watched ones and left uncounted since the load, because `watched` was full.
     pub dropped_processes: u64,
-    /// Thread events left uncounted since the load because the thread map was full.
+    /// Thread exits left uncounted since the load, because `process_exits` was full.
     pub dropped_threads: u64,
 }
 
 /// The maps shared with the programs, and what user space keeps beside them.
 struct Maps {
-    /// tgid -> job: the processes the programs count.
-    watched: BpfHashMap<MapData, u32, u32>,
-    /// tgid -> per-CPU counters.
-    counters: PerCpuHashMap<MapData, u32, RawCounters>,
-    /// tid -> thread state.
-    threads: BpfHashMap<MapData, u32, RawThread>,
+    /// tgid -> the process's job, and whether it has ended.
+    watched: BpfHashMap<MapData, u32, Watched>,
+    /// tgid -> the exited threads of a watched process.
+    process_exits: BpfHashMap<MapData, u32, ProcessExits>,
     /// Events dropped because a map was full.
     overflows: PerCpuArray<MapData, u64>,
     /// The jobs being watched: what [`Probes::unwatch_job`] has not ended.
     jobs: HashSet<u32>,
-    /// The counts of each job's processes that exited, taken out of `counters` to keep it small.
-    exited: HashMap<u32, Counters>,
+    /// Per job, its collected processes: their exits, taken out of the maps.
+    collected: HashMap<u32, Totals>,
+    /// Processes seen ended or gone, since when: collected [`COLLECT_AFTER`] later.
+    ending: HashMap<u32, Instant>,
+    /// Per job, the sum of its processes' offsets: what they had used when they were watched.
+    job_offsets: HashMap<u32, Totals>,
+    /// tgid -> (job, offset), for the live processes given to [`Probes::watch`]; a process's offset stays
+    /// in its job's after the process ends.
+    process_offsets: HashMap<u32, (u32, Totals)>,
 }
 
-/// One process's reading.
+/// One reading: totals since each thread started, offsets not yet subtracted.
+#[derive(Debug, Default)]
 struct Reading {
-    /// The process (thread group) ID.
-    tgid: u32,
-    /// Its job.
-    job: u32,
-    /// Its counters, slices in progress included.
-    counters: Counters,
+    /// Live watched processes: tgid -> (job, live threads + exited threads).
+    processes: HashMap<u32, (u32, Totals)>,
+    /// Watched jobs: job -> its processes, live and ended.
+    jobs: HashMap<u32, Totals>,
 }
 
-/// The probes, loaded and attached: they count for the processes of watched jobs until dropped.
+/// The probes, loaded and attached: they follow the processes of watched jobs until dropped.
 ///
-/// Loading needs root (`CAP_BPF` and `CAP_PERFMON`, or `CAP_SYS_ADMIN`) and the kernel's BTF. All methods
-/// take `&self`; the maps are behind a mutex, so one `Probes` can be shared between threads.
+/// Loading needs root (`CAP_BPF` and `CAP_PERFMON`, or `CAP_SYS_ADMIN`) and the kernel's BTF; readings
+/// read `/proc/PID/task/TID/io`, which needs the right to trace the process (root, or its owner). All
+/// methods take `&self`; the maps are behind a mutex, so one `Probes` can be shared between threads. Read
+/// at least every few seconds: ended processes are collected at readings (and by [`Probes::usage`]), and
+/// until then they hold their place in the maps.
 pub struct Probes {
     /// How the programs are attached.
     kind: Kind,
-    /// The maps, and the counts of exited processes.
+    /// The maps, and what is kept beside them.
     maps: Mutex<Maps>,
     /// The programs and their links: dropping it detaches and unloads them.
     _ebpf: Ebpf,
@@ -227,11 +227,13 @@ impl Probes {
         }
         let maps = Maps {
             watched: take_map(&mut ebpf, "watched")?,
-            counters: take_map(&mut ebpf, "counters")?,
-            threads: take_map(&mut ebpf, "threads")?,
+            process_exits: take_map(&mut ebpf, "process_exits")?,
             overflows: take_map(&mut ebpf, "overflows")?,
             jobs: HashSet::new(),
-            exited: HashMap::new(),
+            collected: HashMap::new(),
+            ending: HashMap::new(),
+            job_offsets: HashMap::new(),
+            process_offsets: HashMap::new(),
         };
         tracing::debug!(%kind, "eBPF probes attached");
         Ok(Probes { kind, maps: Mutex::new(maps), _ebpf: ebpf })
@@ -242,11 +244,12 @@ impl Probes {
         self.kind
     }
 
-    /// Counts for `job` the live processes `pids` (host process IDs, not thread IDs), and from now on every
-    /// process they fork. Watch a job's processes as early as possible, its init before it forks: a
-    /// process forked before its parent was watched is not added. A process already watched for this
-    /// job keeps its counts; one watched for another job moves to this one and starts from zero.
-    /// Job 0 and process 0 are reserved.
+    /// Counts for `job` the live processes `pids` (host process IDs, not thread IDs) from now on, and
+    /// every process they fork from now on. Watch a job's processes as early as possible, its init before
+    /// it forks: a process forked before its parent was watched is not added. A process already watched
+    /// for this job keeps its counts; one watched for another job moves to this one and starts from zero
+    /// (its old job loses what it counted for it). A process that has already gone is left out. Job 0 and
+    /// process 0 are reserved.
     pub fn watch(&self, job: u32, pids: &[u32]) -> Result<(), ProbeError> {
         if job == 0 || pids.contains(&0) {
             return Err(ProbeError::Reserved);
@@ -254,81 +257,110 @@ impl Probes {
         let mut maps = self.lock();
         maps.jobs.insert(job);
         for &pid in pids {
-            if maps.watched.get(&pid, 0).ok() == Some(job) {
+            let before = maps.watched.get(&pid, 0).ok();
+            match before {
+                Some(entry) if entry.job == job && entry.ended == 0 => continue,
+                // Its pid's last process has ended, and this is another: the last one's exits first.
+                Some(entry) if entry.ended != 0 => collect_one(&mut maps, pid)?,
+                Some(entry) => {
+                    remove(&mut maps.process_exits, "process_exits", pid)?;
+                    if let Some((_, offset)) = maps.process_offsets.remove(&pid)
+                        && let Some(old_offset) = maps.job_offsets.get_mut(&entry.job)
+                    {
+                        *old_offset = old_offset.saturating_sub(&offset);
+                    }
+                }
+                None => {}
+            }
+            // In this order: from the insertion on, the programs count the exits of the process's threads.
+            // The offset, read after it, takes in the threads alive then and those that exited meanwhile.
+            let entry = Watched { job, ..Watched::default() };
+            maps.watched.insert(pid, entry, 0).map_err(|source| update_error("watched", source))?;
+            let threads = match procfs::threads(pid) {
+                Ok(threads) => threads,
+                Err(source) => {
+                    // Not counted at all rather than counted without its offset.
+                    remove(&mut maps.watched, "watched", pid)?;
+                    return Err(ProbeError::Proc { pid, source });
+                }
+            };
+            let exited = maps.process_exits.get(&pid, 0).ok();
+            if threads.is_empty() && exited.is_none() {
+                // Gone before it was watched: nothing to count.
+                remove(&mut maps.watched, "watched", pid)?;
                 continue;
             }
-            // Counters first: the programs start counting as soon as the process is in `watched`.
-            let fresh = per_cpu(RawCounters { job, ..RawCounters::default() })?;
-            maps.counters.insert(pid, fresh, 0).map_err(|source| update_error("counters", source))?;
-            maps.watched.insert(pid, job, 0).map_err(|source| update_error("watched", source))?;
+            let offset = live(&threads) + exited.map(|e| e.totals).unwrap_or_default();
+            maps.process_offsets.insert(pid, (job, offset));
+            *maps.job_offsets.entry(job).or_default() += offset;
         }
         Ok(())
     }
 
-    /// Stops counting for `job`: its processes leave the maps, their threads' state too, and its counts
-    /// are forgotten. Its processes run on untouched.
+    /// Stops counting for `job`: its processes leave the maps, and its counts are forgotten. Its
+    /// processes run on untouched.
     pub fn unwatch_job(&self, job: u32) -> Result<(), ProbeError> {
         let mut maps = self.lock();
         maps.jobs.remove(&job);
-        maps.exited.remove(&job);
-        let mut tgids: HashSet<u32> =
-            entries(maps.watched.iter(), "watched")?.into_iter().filter(|&(_, j)| j == job).map(|(t, _)| t).collect();
-        tgids.extend(
-            entries(maps.counters.iter(), "counters")?
-                .into_iter()
-                .filter(|(_, values)| job_of(values) == job)
-                .map(|(t, _)| t),
-        );
-        for tgid in &tgids {
-            remove(&mut maps.watched, "watched", *tgid)?;
+        maps.collected.remove(&job);
+        maps.job_offsets.remove(&job);
+        maps.process_offsets.retain(|_, (j, _)| *j != job);
+        for (tgid, _) in entries(maps.watched.iter(), "watched")?.into_iter().filter(|(_, w)| w.job == job) {
+            remove(&mut maps.watched, "watched", tgid)?;
+            maps.ending.remove(&tgid);
         }
-        for tgid in &tgids {
-            remove_counters(&mut maps.counters, *tgid)?;
-        }
-        for (tid, _) in entries(maps.threads.iter(), "threads")?.into_iter().filter(|(_, t)| tgids.contains(&t.tgid)) {
-            remove(&mut maps.threads, "threads", tid)?;
-        }
-        // A program that found a process in `watched` just before it left may have recreated its counters.
-        for (tgid, _) in entries(maps.counters.iter(), "counters")?.into_iter().filter(|(_, v)| job_of(v) == job) {
-            remove_counters(&mut maps.counters, tgid)?;
+        // Twice: an exit that found its process in `watched` just before it left may have made an entry.
+        for _ in 0..2 {
+            let exits = entries(maps.process_exits.iter(), "process_exits")?;
+            for (tgid, _) in exits.into_iter().filter(|(_, e)| e.job == job) {
+                remove(&mut maps.process_exits, "process_exits", tgid)?;
+            }
         }
         Ok(())
     }
 
-    /// The counters of every live watched process, by process ID.
+    /// The counters of every live watched process, by process ID: its live threads and those that
+    /// exited, since the process was watched or forked.
     pub fn counters(&self) -> Result<HashMap<u32, Counters>, ProbeError> {
         let mut maps = self.lock();
-        Ok(read(&mut maps)?.into_iter().map(|r| (r.tgid, r.counters)).collect())
+        let reading = read(&mut maps, None)?;
+        Ok(reading
+            .processes
+            .into_iter()
+            .map(|(tgid, (job, totals))| {
+                let offset = match maps.process_offsets.get(&tgid) {
+                    Some(&(j, offset)) if j == job => offset,
+                    _ => Totals::default(),
+                };
+                (tgid, totals.saturating_sub(&offset).counters())
+            })
+            .collect())
     }
 
-    /// The counters of one job: its live processes, and those that exited since it was watched. Exited
-    /// processes are folded into their job at each reading; read at least every few seconds, or a process
-    /// whose pid is reused by a new process of the job before then loses its counts.
+    /// The counters of one job: its live processes, and those that ended since it was watched. Zero for a
+    /// job not watched.
     pub fn job_counters(&self, job: u32) -> Result<Counters, ProbeError> {
         let mut maps = self.lock();
-        // Reading first: it folds the processes that exited since the last reading into `exited`.
-        let live: Counters = read(&mut maps)?.into_iter().filter(|r| r.job == job).map(|r| r.counters).sum();
-        Ok(live + maps.exited.get(&job).copied().unwrap_or_default())
+        if !maps.jobs.contains(&job) {
+            return Ok(Counters::default());
+        }
+        let reading = read(&mut maps, Some(job))?;
+        Ok(job_counters(&maps, &reading, job))
     }
 
-    /// The counters of every watched job, as [`Probes::job_counters`], in one pass over the maps.
+    /// The counters of every watched job, as [`Probes::job_counters`], in one reading.
     pub fn jobs(&self) -> Result<HashMap<u32, Counters>, ProbeError> {
         let mut maps = self.lock();
-        // Reading first: it folds the processes that exited since the last reading into `exited`.
-        let readings = read(&mut maps)?;
-        let mut jobs: HashMap<u32, Counters> = maps.jobs.iter().map(|&job| (job, Counters::default())).collect();
-        for (job, counters) in &maps.exited {
-            *jobs.entry(*job).or_default() += *counters;
-        }
-        for reading in readings {
-            *jobs.entry(reading.job).or_default() += reading.counters;
-        }
-        Ok(jobs)
+        let reading = read(&mut maps, None)?;
+        Ok(maps.jobs.iter().map(|&job| (job, job_counters(&maps, &reading, job))).collect())
     }
 
-    /// How full the maps are, and what was dropped because they were full.
+    /// How full the maps are, and what was dropped because they were full. Collects ended processes, as
+    /// a reading does.
     pub fn usage(&self) -> Result<Usage, ProbeError> {
-        let maps = self.lock();
+        let mut maps = self.lock();
+        let watched = entries(maps.watched.iter(), "watched")?;
+        collect(&mut maps, &watched)?;
         let dropped = |slot: u32| -> Result<u64, ProbeError> {
             let values = maps.overflows.get(&slot, 0).map_err(|source| ProbeError::Map {
                 map: "overflows",
@@ -337,19 +369,107 @@ impl Probes {
             })?;
             Ok(values.iter().sum())
         };
+        let watched = entries(maps.watched.iter(), "watched")?;
+        let mut threads = 0;
+        for &(tgid, _) in watched.iter().filter(|(_, w)| w.ended == 0) {
+            threads += procfs::threads(tgid).map_err(|source| ProbeError::Proc { pid: tgid, source })?.len();
+        }
         Ok(Usage {
-            processes: entries(maps.watched.iter(), "watched")?.len(),
-            threads: entries(maps.threads.iter(), "threads")?.len(),
+            processes: watched.len(),
+            threads,
             dropped_processes: dropped(OVERFLOW_PROCESSES)?,
-            dropped_threads: dropped(OVERFLOW_THREADS)?,
+            dropped_threads: dropped(OVERFLOW_EXITS)?,
         })
     }
 
     /// The maps, for one operation.
     fn lock(&self) -> MutexGuard<'_, Maps> {
-        // The maps stay consistent whatever panicked while holding them: every change is one map update.
+        // The maps stay consistent whatever panicked while holding them: every change is one map update,
+        // and an offset missed by a panic only makes a job count more.
         self.maps.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// The sum of the threads that are not exiting.
+fn live(threads: &[procfs::Thread]) -> Totals {
+    threads.iter().filter(|thread| !thread.exiting).map(|thread| thread.totals).sum()
+}
+
+/// One job's counters from a reading: its totals less its offset.
+fn job_counters(maps: &Maps, reading: &Reading, job: u32) -> Counters {
+    let totals = reading.jobs.get(&job).copied().unwrap_or_default();
+    let offset = maps.job_offsets.get(&job).copied().unwrap_or_default();
+    totals.saturating_sub(&offset).counters()
+}
+
+/// Reads the watched jobs, or only `only` (see the module docs for the order, which matters), then
+/// collects the processes that have ended.
+fn read(maps: &mut Maps, only: Option<u32>) -> Result<Reading, ProbeError> {
+    let wanted = |job: u32| maps.jobs.contains(&job) && only.is_none_or(|only| only == job);
+    let process_exits: HashMap<u32, ProcessExits> =
+        entries(maps.process_exits.iter(), "process_exits")?.into_iter().collect();
+    let mut reading = Reading::default();
+    for (&job, &totals) in &maps.collected {
+        if wanted(job) {
+            *reading.jobs.entry(job).or_default() += totals;
+        }
+    }
+    for exits in process_exits.values() {
+        if wanted(exits.job) {
+            *reading.jobs.entry(exits.job).or_default() += exits.totals;
+        }
+    }
+    let watched = entries(maps.watched.iter(), "watched")?;
+    for &(tgid, entry) in &watched {
+        // An ended process is all in its exits.
+        if !wanted(entry.job) || entry.ended != 0 {
+            continue;
+        }
+        let threads = procfs::threads(tgid).map_err(|source| ProbeError::Proc { pid: tgid, source })?;
+        let live = live(&threads);
+        *reading.jobs.entry(entry.job).or_default() += live;
+        if threads.iter().any(|thread| !thread.exiting) {
+            let exited = process_exits.get(&tgid).map(|e| e.totals).unwrap_or_default();
+            reading.processes.insert(tgid, (entry.job, live + exited));
+        }
+    }
+    // After the reading: what it collects counts from the next one on, no longer in the maps.
+    collect(maps, &watched)?;
+    Ok(reading)
+}
+
+/// Collects the processes seen ended, or gone from `/proc`, for [`COLLECT_AFTER`]: their exits move to
+/// their job's sums here, and they leave both maps.
+fn collect(maps: &mut Maps, watched: &[(u32, Watched)]) -> Result<(), ProbeError> {
+    let now = Instant::now();
+    let mut over = HashSet::new();
+    for &(tgid, entry) in watched {
+        if entry.ended == 0 && Path::new("/proc").join(tgid.to_string()).exists() {
+            continue;
+        }
+        over.insert(tgid);
+        let since = *maps.ending.entry(tgid).or_insert(now);
+        if now.duration_since(since) >= COLLECT_AFTER {
+            collect_one(maps, tgid)?;
+        }
+    }
+    maps.ending.retain(|tgid, _| over.contains(tgid));
+    Ok(())
+}
+
+/// Takes one process out of the maps, its exits into its job's sums here. Its offset stays in its job's.
+fn collect_one(maps: &mut Maps, tgid: u32) -> Result<(), ProbeError> {
+    // `watched` first: no exit counts into `process_exits` once the process has left it.
+    remove(&mut maps.watched, "watched", tgid)?;
+    if let Ok(exits) = maps.process_exits.get(&tgid, 0) {
+        remove(&mut maps.process_exits, "process_exits", tgid)?;
+        if maps.jobs.contains(&exits.job) {
+            *maps.collected.entry(exits.job).or_default() += exits.totals;
+        }
+    }
+    maps.ending.remove(&tgid);
+    maps.process_offsets.remove(&tgid);
+    Ok(())
 }
 
 /// Loads and attaches the program named after `tracepoint`.
@@ -395,17 +515,6 @@ where
     M::try_from(map).map_err(|source| ProbeError::Map { map: name, action: "open", source })
 }
 
-/// A value for every possible CPU.
-fn per_cpu<V: Pod>(value: V) -> Result<PerCpuValues<V>, ProbeError> {
-    let cpus = aya::util::nr_cpus().map_err(|(path, source)| ProbeError::Cpus { path, source })?;
-    PerCpuValues::try_from(vec![value; cpus]).map_err(|source| ProbeError::Cpus { path: "(count)", source })
-}
-
-/// The job a process's counters belong to: the tag of the copy that created the entry.
-fn job_of(values: &PerCpuValues<RawCounters>) -> u32 {
-    values.iter().map(|v| v.job).find(|&job| job != 0).unwrap_or(0)
-}
-
 /// Every entry of a map, read key by key (entries that vanish meanwhile are skipped).
 fn entries<K, V>(
     iter: impl Iterator<Item = Result<(K, V), MapError>>,
@@ -414,22 +523,12 @@ fn entries<K, V>(
     iter.collect::<Result<Vec<_>, _>>().map_err(|source| ProbeError::Map { map, action: "read", source })
 }
 
-/// Removes a key; one the programs removed already is fine.
+/// Removes a key; one already gone is fine.
 fn remove<V: Pod>(map: &mut BpfHashMap<MapData, u32, V>, name: &'static str, key: u32) -> Result<(), ProbeError> {
-    ignore_missing(map.remove(&key)).map_err(|source| ProbeError::Map { map: name, action: "update", source })
-}
-
-/// [`remove`] for the per-CPU counters.
-fn remove_counters(map: &mut PerCpuHashMap<MapData, u32, RawCounters>, key: u32) -> Result<(), ProbeError> {
-    ignore_missing(map.remove(&key)).map_err(|source| ProbeError::Map { map: "counters", action: "update", source })
-}
-
-/// A removal's result, where "no such key" is success.
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
+    match map.remove(&key) {
         Err(MapError::SyscallError(ref error)) if error.io_error.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
-        other => other,
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) | Ok(()) => Ok(()),
+        Err(source) => Err(ProbeError::Map { map: name, action: "update", source }),
     }
 }
 
@@ -441,54 +540,6 @@ fn update_error(map: &'static str, source: MapError) -> ProbeError {
         }
         _ => ProbeError::Map { map, action: "update", source },
     }
-}
-
-/// Reads every watched process, folding the processes that exited into their jobs (and out of the map).
-fn read(maps: &mut Maps) -> Result<Vec<Reading>, ProbeError> {
-    // In this order: a process forked between the first two reads looks exited and gets folded, with
-    // next to nothing counted, and the programs start its counters afresh; a process that exits between
-    // them is folded at the next reading.
-    let watched: HashMap<u32, u32> = entries(maps.watched.iter(), "watched")?.into_iter().collect();
-    let counters = entries(maps.counters.iter(), "counters")?;
-    // Slices in progress: a thread that runs, or waits, without switching has nothing in `counters` yet.
-    // Read after the counters, a switch in between loses a slice from this reading rather than counting
-    // it twice.
-    let threads = entries(maps.threads.iter(), "threads")?;
-    let now = monotonic_ns();
-    let mut in_progress: HashMap<u32, (u64, u64)> = HashMap::new();
-    for (_, thread) in threads {
-        let (cpu, wait) = in_progress.entry(thread.tgid).or_default();
-        if thread.oncpu_since != 0 {
-            *cpu += now.saturating_sub(thread.oncpu_since);
-        }
-        if thread.queued_since != 0 {
-            *wait += now.saturating_sub(thread.queued_since);
-        }
-    }
-    let mut readings = Vec::with_capacity(watched.len());
-    for (tgid, values) in counters {
-        let mut sum: Counters = values.iter().map(Counters::from).sum();
-        if let Some(&job) = watched.get(&tgid) {
-            if let Some(&(cpu, wait)) = in_progress.get(&tgid) {
-                sum.cpu_ns += cpu;
-                sum.wait_ns += wait;
-            }
-            readings.push(Reading { tgid, job, counters: sum });
-        } else {
-            let job = job_of(&values);
-            if maps.jobs.contains(&job) {
-                *maps.exited.entry(job).or_default() += sum;
-            }
-            remove_counters(&mut maps.counters, tgid)?;
-        }
-    }
-    Ok(readings)
-}
-
-/// `CLOCK_MONOTONIC` in ns, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let now = clock_gettime(ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always there");
-    u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec()).unwrap_or(0)
 }
 
 /// The last [`VERIFIER_LOG_LINES`] lines of a verifier log, where it says why it refused.
@@ -613,16 +664,15 @@ pub enum ProbeError {
         /// Its size.
         limit: usize,
     },
-    /// Job 0 or process 0 was given: both are reserved (0 tags the per-CPU copies of no job; process 0 is
-    /// the idle task).
+    /// Job 0 or process 0 was given: both are reserved (process 0 is the idle task).
     #[error("job 0 and process 0 are reserved and can't be watched")]
     Reserved,
-    /// The possible CPUs could not be counted, which per-CPU map values need.
-    #[error("cannot count the possible CPUs ({path})")]
-    Cpus {
-        /// Where they were read.
-        path: &'static str,
-        /// What the system said.
+    /// A watched process's `/proc` files could not be read (they are, by root, as long as it exists).
+    #[error("cannot read the threads of process {pid} in /proc")]
+    Proc {
+        /// The process.
+        pid: u32,
+        /// What the system said, with the file.
         #[source]
         source: io::Error,
     },
@@ -653,8 +703,8 @@ mod tests {
 
     #[test]
     fn the_raw_layouts_match_probes_h() {
-        // struct counters: two u32 and ten u64; struct thread_state: two u32 and four u64.
-        assert_eq!(size_of::<RawCounters>(), 88);
-        assert_eq!(size_of::<RawThread>(), 40);
+        // struct watched: two u32 and a u64; struct process_exits: two u32 and struct totals.
+        assert_eq!(size_of::<Watched>(), 16);
+        assert_eq!(size_of::<ProcessExits>(), 8 + size_of::<Totals>());
     }
 }

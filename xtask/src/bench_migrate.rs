@@ -28,7 +28,7 @@ use rmosix_checkpoint::images::ImageDir;
 use rmosix_checkpoint::transfer::{self, Limits, Protection, StreamKey};
 use rmosix_testcluster::Cluster;
 
-use crate::benchmarks::{lines, move_cluster, until_filled, verdict};
+use crate::benchmarks::{lines, load_average, move_cluster, until_filled, verdict};
 
 use crate::bench_checkpoint::{PLAIN_TMPFS, baseline, job_args, reference_output};
 
@@ -295,14 +295,6 @@ fn encryption_table(transfers: &[TransferRow], moves: &[MoveRow]) -> (String, St
         ),
     };
     (table, summary)
-}
-
-/// The system's load averages over 1, 5 and 15 minutes, as `/proc/loadavg` gives them.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(
-        |_| "unknown".to_owned(),
-        |text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-    )
 }
 
 /// CPU time of the calling thread.

@@ -82,6 +82,12 @@ pub fn machine() -> String {
     format!("{date}, {cpus} CPUs, Linux {kernel}")
 }
 
+/// The node's load averages over 1, 5 and 15 minutes, as `/proc/loadavg` gives them.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map_or_else(|_| "unknown".to_owned(), |text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}
+
 /// The last word of a benchmark's summary line: whether its target was `met` or `missed`.
 pub fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "missed" }

@@ -7,6 +7,7 @@ mod bench_checkpoint;
 mod bench_gossip;
 mod bench_infod;
 mod bench_migrate;
+mod bench_probes;
 mod benchmarks;
 mod criu;
 mod demo;
@@ -102,6 +103,8 @@ enum Bench {
     Checkpoint(bench_checkpoint::CheckpointBenchArgs),
     /// `migrate` between two nodes of a local cluster, beside CLI criu dump + restore.
     Migrate(bench_migrate::MigrateBenchArgs),
+    /// What the eBPF probes cost a node's processes (system calls, context switches, CPU), beside no probes.
+    Probes(bench_probes::ProbesBenchArgs),
 }
 
 /// Options of `cargo xtask bench gossip`.
@@ -239,6 +242,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { bench: Bench::Infod(args) } => bench_infod::run(&args),
         Cmd::Bench { bench: Bench::Checkpoint(args) } => bench_checkpoint::run(&args),
         Cmd::Bench { bench: Bench::Migrate(args) } => bench_migrate::run(&args),
+        Cmd::Bench { bench: Bench::Probes(args) } => bench_probes::run(&args),
         Cmd::Fuzz(args) => fuzz::run(&args),
     }
 }

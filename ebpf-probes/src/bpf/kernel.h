@@ -5,8 +5,9 @@
  * Every record here is CO-RE relocatable (preserve_access_index): only the fields we name exist in our
  * copy, in any order, and libbpf-style loaders (aya) rewrite each access to the field's offset in the
  * running kernel's BTF, matching by type and field name. So the layouts below need not match any kernel;
- * the names and the kinds of the fields must. Pointers are read with BPF_CORE_READ only, which is what lets
- * the same source build as tp_btf (typed pointers) and raw_tp (untyped, probe-read) programs.
+ * the names and the kinds of the fields must (checked against 6.18's BTF: `bpftool btf dump file
+ * /sys/kernel/btf/vmlinux format c`). Pointers are read with BPF_CORE_READ only, which is what lets the
+ * same source build as tp_btf (typed pointers) and raw_tp (untyped, probe-read) programs.
  */
 #ifndef RMOSIX_KERNEL_H
 #define RMOSIX_KERNEL_H
@@ -22,46 +23,53 @@ typedef __s64 s64;
 
 #pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
 
+/* The CFS entity of a task: its total time on a CPU, updated at each switch, tick and exit. */
+struct sched_entity {
+	u64 sum_exec_runtime;
+};
+
+/* CONFIG_SCHED_INFO: time spent runnable but waiting for a CPU (what /proc/PID/schedstat shows second). */
+struct sched_info {
+	unsigned long long run_delay;
+};
+
+/*
+ * CONFIG_TASK_XACCT (the first four) and CONFIG_TASK_IO_ACCOUNTING (the last three): a thread's I/O, as
+ * /proc/PID/task/TID/io shows it.
+ */
+struct task_io_accounting {
+	u64 rchar;
+	u64 wchar;
+	u64 syscr;
+	u64 syscw;
+	u64 read_bytes;
+	u64 write_bytes;
+	u64 cancelled_write_bytes;
+};
+
 typedef struct {
 	int counter;
 } atomic_t;
 
-/* Only `live` is read: the number of threads of the process not yet past do_exit(). */
+/* The process's shared state; only `live` is read: its threads not yet past the start of do_exit(). */
 struct signal_struct {
 	atomic_t live;
 };
 
 struct task_struct {
-	unsigned int __state;
 	int pid;  /* the thread id */
 	int tgid; /* the process id */
+	u64 start_boottime;
+	struct signal_struct *signal;
+	unsigned long nvcsw;
+	unsigned long nivcsw;
 	unsigned long min_flt;
 	unsigned long maj_flt;
-	struct signal_struct *signal;
-};
-
-/* Kernels before 5.14 called `__state` `state` (a long); CO-RE picks whichever the kernel has. */
-struct task_struct___pre_5_14 {
-	long state;
-};
-
-/* x86-64: the syscall number stays in orig_ax after ax receives the return value. */
-struct pt_regs {
-	unsigned long orig_ax;
-};
-
-struct bvec_iter {
-	unsigned int bi_size; /* bytes left to transfer; the whole bio when it is queued */
-};
-
-struct bio {
-	struct bvec_iter bi_iter;
+	struct sched_entity se;
+	struct sched_info sched_info;
+	struct task_io_accounting ioac;
 };
 
 #pragma clang attribute pop
-
-/* include/linux/sched.h; stable since 4.14. */
-#define TASK_RUNNING 0x0000
-#define TASK_DEAD 0x0080
 
 #endif

@@ -1,48 +1,71 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * What the probes share with user space: map sizes and the layout of map values. `src/probes.rs` mirrors
- * these structs (#[repr(C)]); aya refuses a map whose value size differs from the Rust type's, so a field
- * added here and not there fails at load, not silently.
+ * What the probes share with user space: map sizes, the layout of map values, and array indexes.
+ * `src/probes.rs` and `src/totals.rs` mirror these structs (#[repr(C)]); aya refuses a map whose value
+ * size differs from the Rust type's, so a field added here and not there fails at load, not silently.
  */
 #ifndef RMOSIX_PROBES_H
 #define RMOSIX_PROBES_H
 
 #include "kernel.h"
 
-/* Processes (thread groups) watched at once, over all jobs: bounds `watched` and `counters`. */
+/*
+ * Processes (thread groups) watched at once, over all jobs, alive or ended and not yet collected by user
+ * space: bounds `watched` and `process_exits`.
+ */
 #define MAX_PROCESSES 16384
-/* Threads of watched processes tracked at once: bounds `threads`. */
-#define MAX_THREADS 16384
+/* Threads between their exit and their free at once (an RCU grace period, milliseconds): bounds `dying`. */
+#define MAX_DYING 4096
 
-/* Per-process counters; one copy per CPU, summed by user space. */
-struct counters {
-	u32 job;     /* the job the process belongs to (its root's host PID); 0 in the copies of other CPUs */
-	u32 _pad;
-	u64 cpu_ns;  /* on-CPU time */
-	u64 wait_ns; /* runnable but waiting for a CPU (run delay) */
-	u64 voluntary_switches;
-	u64 involuntary_switches;
-	u64 syscalls;
-	u64 read_bytes;  /* returned by read-like syscalls */
-	u64 write_bytes; /* returned by write-like syscalls */
-	u64 block_bytes; /* block I/O submitted by the process's own threads */
-	u64 minor_faults;
-	u64 major_faults;
+/*
+ * What the kernel keeps per thread in its task_struct, and what a thread has used when it exits. The same
+ * numbers user space reads from /proc for the threads that are still alive.
+ */
+struct totals {
+	u64 cpu_ns;  /* se.sum_exec_runtime */
+	u64 wait_ns; /* sched_info.run_delay */
+	u64 nvcsw;
+	u64 nivcsw;
+	u64 min_flt;
+	u64 maj_flt;
+	u64 rchar; /* ioac: bytes through read-family system calls */
+	u64 wchar;
+	u64 syscr; /* ioac: read-family system calls */
+	u64 syscw;
+	u64 read_bytes; /* ioac: bytes read from storage */
+	u64 write_bytes;
+	u64 cancelled_write_bytes;
 };
 
-/* Per-thread state, keyed by tid; lives from the thread's first sighting to its exit. */
-struct thread_state {
-	u32 tgid; /* lets user space drop a job's threads when it stops watching it */
+/* A watched process: its job, and once its last thread has begun to exit, that it has ended. */
+struct watched {
+	u32 job;
+	u32 ended;   /* set by the exit that finds signal->live at 0; user space then collects the process */
+	u64 signal;  /* its signal_struct, set with `ended`: late threads of the process still count, not
+	                threads of another process that reuses the pid */
+};
+
+/* The threads of one watched process that have exited: their totals, summed. */
+struct process_exits {
+	u32 job; /* the process's job when the entry was made */
 	u32 _pad;
-	u64 oncpu_since;  /* ktime of the switch in; 0 while off CPU */
-	u64 queued_since; /* ktime it became runnable; 0 unless runnable and waiting */
-	u64 min_flt;      /* task->min_flt when last seen */
-	u64 maj_flt;      /* task->maj_flt when last seen */
+	struct totals totals;
+};
+
+/* A watched thread between its exit and its free. */
+struct dying {
+	u32 job;
+	u32 tgid;
+	u32 pid;
+	u32 _pad;
+	u64 start_boottime; /* with pid, tells the task from a later one at the same address */
+	u64 cpu_ns;         /* its times when it exited */
+	u64 wait_ns;
 };
 
 /* Indexes of the `overflows` array: events dropped because a map was full. */
-#define OVERFLOW_PROCESSES 0
-#define OVERFLOW_THREADS 1
+#define OVERFLOW_PROCESSES 0 /* a forked process not followed: `watched` full */
+#define OVERFLOW_EXITS 1     /* a thread's exit not counted: `process_exits` full */
 #define OVERFLOW_SLOTS 2
 
 #endif
