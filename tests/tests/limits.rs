@@ -96,7 +96,10 @@ fn a_job_link_from_a_node_or_generation_the_record_does_not_name_is_refused() {
     let pid = i32::try_from(child.id()).unwrap();
     let lines = Lines::of(&mut child);
     lines.wait_for(5);
-    let [_] = c.processes(2, "python3")[..] else { panic!("the job runs on node 2") };
+    // `-N 2` starts it at home and moves it there at once.
+    wait_until("the job running on node 2 alone", PATIENCE, || {
+        c.processes(2, "python3").len() == 1 && c.processes(1, "python3").is_empty()
+    });
     // Node 3 holds the cluster key, but home's record names node 2, generation 1.
     let (kind, why) = attach_as(&c, 3, pid, 1);
     assert_eq!(kind, REFUSED, "{}", String::from_utf8_lossy(&why));
