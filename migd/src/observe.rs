@@ -29,12 +29,8 @@ pub const CPU_DEMAND: f64 = 0.2;
 /// not make it faster, and its I/O would have to come along. Its time waiting for a CPU does not count:
 /// on a busy node an I/O-bound job waits for a CPU after every wake-up.
 pub const IO_CPU: f64 = 0.5;
-/// Block I/O submitted in a job's own context (reads, synchronous writes) at this rate is I/O.
+/// Storage I/O caused by a job (reads that reach the disk, writes it dirtied) at this rate is I/O.
 pub const IO_BLOCK_BPS: f64 = 64.0 * 1024.0;
-/// So is this much read and written through system calls, when the job also sleeps this often a second
-/// (it waits for its I/O rather than copying from the page cache).
-pub const IO_SYSCALL_BPS: f64 = 64.0 * 1024.0;
-pub const IO_SLEEPS: f64 = 20.0;
 
 /// A job's rates, per second: CPUs used and waited for (1.0 is one whole CPU), bytes and events.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -89,10 +85,10 @@ impl Rates {
         self.cpu + self.wait
     }
 
-    /// Whether the job does I/O that it waits for.
+    /// Whether the job does storage I/O. Bytes through pipes between its own processes (a shell pipeline)
+    /// are not I/O that holds it up; sockets to the outside make a job unmigratable anyway.
     pub fn does_io(&self) -> bool {
         self.block_bps >= IO_BLOCK_BPS
-            || (self.read_bps + self.write_bps >= IO_SYSCALL_BPS && self.voluntary_switches >= IO_SLEEPS)
     }
 }
 

@@ -52,6 +52,9 @@ pub struct ProbesBenchArgs {
     /// Do not write BENCHMARKS.md.
     #[arg(long)]
     pub no_write: bool,
+    /// Rounds of the 20-job classification mix (`--quick`: 1).
+    #[arg(long, default_value_t = 3)]
+    pub class_rounds: usize,
 }
 
 /// The most the probes may add to a watched job's operations, percent.
@@ -332,16 +335,16 @@ impl Report {
         self.rows.iter().map(|(_, cpu, _)| cpu.a2_vs_a.q1.abs().max(cpu.a2_vs_a.q3.abs())).fold(0.0, f64::max)
     }
 
-    fn summary(&self, rounds: usize) -> String {
+    /// The summary line without its verdict.
+    fn figures(&self, rounds: usize) -> String {
         let (jobs, jobs_worst) = self.worst(|f| f.c_vs_a);
         let (outside, outside_worst) = self.worst(|f| f.b_vs_a);
         format!(
             "probes: CPU time per operation up to {jobs_worst:+.2}% in watched jobs ({jobs}), {outside_worst:+.2}% \
              outside jobs ({outside}), median of {rounds} rounds; noise floor (a2 vs a, quartiles) within \
              ±{:.2}% (target < {TARGET_JOBS_PERCENT}% in jobs and < {TARGET_OUTSIDE_PERCENT}% outside, every \
-             workload): {}",
+             workload)",
             self.noise(),
-            verdict(self.met())
         )
     }
 
@@ -457,6 +460,13 @@ pub fn run(args: &ProbesBenchArgs) -> anyhow::Result<()> {
         run.cpu,
         run.rounds(),
     );
+    // The classification half: real jobs on a local cluster of the debug build.
+    crate::build()?;
+    let class_rounds = if args.quick { 1 } else { args.class_rounds.max(1) };
+    eprintln!("bench probes: {class_rounds} rounds of the 20-job classification mix");
+    let accuracy = crate::bench_classes::measure(class_rounds, &crate::bin_dir())?;
+    let body = format!("{body}\n{}", crate::bench_classes::report(&accuracy));
+    let (right, total) = accuracy.right();
     println!("{body}");
     if args.no_write || args.quick {
         eprintln!("bench probes: BENCHMARKS.md not written ({})", if args.quick { "--quick" } else { "--no-write" });
@@ -469,7 +479,12 @@ pub fn run(args: &ProbesBenchArgs) -> anyhow::Result<()> {
             &body,
         )?;
     }
-    println!("{}", report.summary(run.rounds()));
+    println!(
+        "{}; classes right {} s after start: {right} of {total} (target all): {}",
+        report.figures(run.rounds()),
+        crate::bench_classes::AFTER.as_secs(),
+        verdict(report.met() && right == total)
+    );
     Ok(())
 }
 
@@ -527,7 +542,7 @@ mod tests {
         let (_, fast, _) = &report.rows[1];
         assert!(fast.met() && !slow.met() && !report.met());
         assert_eq!(report.worst(|f| f.c_vs_a).0, "slow");
-        assert!(report.summary(2).ends_with(": missed"), "{}", report.summary(2));
+        assert!(!report.met(), "{}", report.figures(2));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! of the command run on the node.
 
 mod bench_checkpoint;
+mod bench_classes;
 mod bench_gossip;
 mod bench_infod;
 mod bench_migrate;
