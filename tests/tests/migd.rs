@@ -369,9 +369,16 @@ fn mosrun_starts_a_job_on_the_node_asked_and_the_deputy_says_when_that_node_dies
     let c = cluster("mstart", 2);
     let args = ["spin", "100000", "2000000"];
     let mut child = mosrun(&c, 1).args(["-N", "2"]).arg(job()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
     let lines = Lines::of(&mut child);
     lines.wait_for(5);
-    wait_until("the job to reach node 2", PATIENCE, || running(&c, 2, "rmx-job").len() == 1);
+    // The move is over once home has taken node 2's link (the record names node 2 and the job's PID there);
+    // before that, a node 2 that dies leaves the job to be restored at node 1 from the images kept there.
+    wait_until("the job to run on node 2, linked home", PATIENCE, || {
+        let record = record(&c, pid);
+        record["node"] == 2 && record["node_pid"] != serde_json::Value::from(0)
+    });
+    assert_eq!(running(&c, 2, "rmx-job").len(), 1);
     assert!(running(&c, 1, "rmx-job").is_empty());
     // Node 2 dies: its migd and everything it ran.
     c.kill_daemon(2, "migd").unwrap();
