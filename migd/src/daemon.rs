@@ -1132,6 +1132,7 @@ impl Daemon {
         home.stdin.set(Some(Box::new(RunnerStdin(Arc::clone(runner)))));
         *home.location.lock().expect("location") = Location::Here(Arc::clone(runner));
         self.runners.lock().expect("runners").insert((runner.home_node, runner.home_pid), Arc::clone(runner));
+        self.observer.poke();
         let daemon = Arc::clone(self);
         let runner = Arc::clone(runner);
         let report = Report::Home(Arc::clone(home));
@@ -1389,6 +1390,7 @@ impl Daemon {
             relay::spawn("guest-stderr", stderr, OutputSink { slot: Arc::clone(&slot), kind: protocol::STDERR }),
         ];
         self.runners.lock().expect("runners").insert((runner.home_node, runner.home_pid), Arc::clone(runner));
+        self.observer.poke();
         {
             let daemon = Arc::clone(self);
             let runner = Arc::clone(runner);

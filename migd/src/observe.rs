@@ -6,12 +6,18 @@
 //! Every second the sampler reads each job's counters, turns their growth into rates, and decays them
 //! into two averages, as MOSIX decayed its load: a fast one (half-life [`FAST_HALF_LIFE`]) that the class
 //! follows, so a job is classed within seconds of starting or of changing what it does, and a slow one
-//! (half-life [`SLOW_HALF_LIFE`]) of what the job has been doing lately, for the balancer. The class is a
+//! (half-life [`SLOW_HALF_LIFE`]) of what the job has been doing lately, for the balancer.
+//!
+//! A new job is sampled as soon as migd starts it or takes it in ([`Observer::poke`]), and then every
+//! [`YOUNG_EVERY`] until it has been seen a few times. Its first rates are what `/proc` says it did since
+//! it started, weighed by how long that was: an average is the decayed sum of what was seen divided by the
+//! decayed weight of the time seen ([`Average`]), so a few milliseconds of start-up count for little and
+//! a job is classed from its first second, not after the averages have filled. The class is a
 //! pure function of the fast rates ([`classify`]); a user's hint (`mosrun -c`, `-i`) fixes it, and a job
 //! that cannot move is unmigratable whatever it does, with the reason.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rmosix_common::control::{Class, Hint};
@@ -25,12 +31,23 @@ pub const SLOW_HALF_LIFE: Duration = Duration::from_secs(16);
 
 /// A job that uses at least this much of a CPU (running or waiting to run) wants a CPU.
 pub const CPU_DEMAND: f64 = 0.2;
-/// A job that does I/O and runs for less than this much of a CPU is held up by its I/O: moving it would
-/// not make it faster, and its I/O would have to come along. Its time waiting for a CPU does not count:
-/// on a busy node an I/O-bound job waits for a CPU after every wake-up.
-pub const IO_CPU: f64 = 0.5;
+/// A job that does storage I/O and runs for less than this long (seconds of CPU) between two of its
+/// sleeps is held up by its I/O: it computes a little, then waits for the disk. Moving it would not make it
+/// faster, and its I/O would have to come along. A compressor reading a file from disk sleeps too, but
+/// computes for milliseconds between its reads, and wants a CPU. CPU time per sleep does not depend on how
+/// busy the node is: on a crowded CPU an I/O-bound job spends most of its time waiting for the CPU after
+/// each wake-up, as a CPU-bound one waits for it all the time, so neither its share of the CPU nor its
+/// demand tells them apart there.
+pub const IO_CPU_PER_SLEEP: f64 = 1e-3;
 /// Storage I/O caused by a job (reads that reach the disk, writes it dirtied) at this rate is I/O.
 pub const IO_BLOCK_BPS: f64 = 64.0 * 1024.0;
+
+/// How often the jobs are sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How often they are sampled while one of them is young (seen fewer than [`YOUNG_SAMPLES`] times).
+pub const YOUNG_EVERY: Duration = Duration::from_millis(250);
+/// Samples after which a job is no longer young.
+const YOUNG_SAMPLES: u32 = 8;
 
 /// A job's rates, per second: CPUs used and waited for (1.0 is one whole CPU), bytes and events.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -66,7 +83,12 @@ impl Rates {
     /// These rates moved toward `now` after `dt` with half-life `half_life`.
     #[must_use]
     pub fn decayed(self, now: Rates, dt: Duration, half_life: Duration) -> Self {
-        let keep = 0.5_f64.powf(dt.as_secs_f64() / half_life.as_secs_f64());
+        self.mixed(now, 0.5_f64.powf(dt.as_secs_f64() / half_life.as_secs_f64()))
+    }
+
+    /// `keep` of these rates and `1 - keep` of `now`.
+    #[must_use]
+    fn mixed(self, now: Rates, keep: f64) -> Self {
         let mix = |old: f64, new: f64| old * keep + new * (1.0 - keep);
         Self {
             cpu: mix(self.cpu, now.cpu),
@@ -90,6 +112,42 @@ impl Rates {
     pub fn does_io(&self) -> bool {
         self.block_bps >= IO_BLOCK_BPS
     }
+
+    /// CPU seconds between two sleeps (voluntary switches); infinite for a job that never sleeps.
+    pub fn cpu_per_sleep(&self) -> f64 {
+        if self.voluntary_switches > 0.0 { self.cpu / self.voluntary_switches } else { f64::INFINITY }
+    }
+
+    /// Held up by its storage I/O: it does some, and computes only briefly between its sleeps.
+    pub fn io_bound(&self) -> bool {
+        self.does_io() && self.cpu_per_sleep() < IO_CPU_PER_SLEEP
+    }
+}
+
+/// An exponentially decayed average of rates over the time a job has been seen: the decayed sum of each
+/// interval's rates times its weight, over the decayed sum of the weights. An interval of length `dt`
+/// weighs `1 - 2^(-dt/half_life)` at its end, and everything before it is multiplied by `2^(-dt/half_life)`,
+/// so once the job has been seen for several half-lives the weight is 1 and this is the usual decayed
+/// average; before that, the little that was seen is not mixed with zeros that were never measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Average {
+    pub rates: Rates,
+    /// The decayed weight of the time seen, in [0, 1].
+    weight: f64,
+}
+
+impl Average {
+    /// An average of `rates` seen over `dt`, moved on by `dt` with half-life `half_life`.
+    #[must_use]
+    pub fn then(self, rates: Rates, dt: Duration, half_life: Duration) -> Self {
+        let keep = 0.5_f64.powf(dt.as_secs_f64() / half_life.as_secs_f64());
+        let weight = self.weight * keep + (1.0 - keep);
+        if weight <= 0.0 {
+            return self;
+        }
+        // (old * old weight * keep + new * (1 - keep)) / weight, as a mix of old and new.
+        Self { rates: self.rates.mixed(rates, self.weight * keep / weight), weight }
+    }
 }
 
 /// The class of a job from its fast rates, its owner's hint and whether it can move.
@@ -102,7 +160,7 @@ pub fn classify(fast: &Rates, hint: Option<Hint>, unmigratable: bool) -> Class {
         Some(Hint::IoBound) => return Class::Io,
         None => {}
     }
-    if fast.does_io() && fast.cpu < IO_CPU {
+    if fast.io_bound() {
         Class::Io
     } else if fast.demand() >= CPU_DEMAND {
         Class::Cpu
@@ -127,8 +185,8 @@ pub struct Seen {
     pub class: Class,
     /// Why the job cannot move, when it cannot.
     pub reason: Option<String>,
-    pub fast: Rates,
-    pub slow: Rates,
+    pub fast: Average,
+    pub slow: Average,
     /// Resident memory of all its processes, bytes.
     pub rss: u64,
     /// Some process of the job is stopped (by a signal, not by a move).
@@ -151,6 +209,8 @@ pub struct Watched {
 pub struct Observer {
     source: Source,
     seen: Mutex<HashMap<i32, Seen>>,
+    /// Set by [`Observer::poke`]: a job has started or arrived, sample now.
+    poked: (Mutex<bool>, Condvar),
 }
 
 impl Observer {
@@ -166,12 +226,16 @@ impl Observer {
                 Source::Proc(error.to_string())
             }
         };
-        Self { source, seen: Mutex::new(HashMap::new()) }
+        Self { source, seen: Mutex::new(HashMap::new()), poked: (Mutex::new(false), Condvar::new()) }
     }
 
     /// Observes through `/proc` only (`why` says why).
     pub fn without_probes(why: &str) -> Self {
-        Self { source: Source::Proc(why.to_owned()), seen: Mutex::new(HashMap::new()) }
+        Self {
+            source: Source::Proc(why.to_owned()),
+            seen: Mutex::new(HashMap::new()),
+            poked: (Mutex::new(false), Condvar::new()),
+        }
     }
 
     /// Which source is in use, in words: `bpf (tp_btf)` or `proc (why)`.
@@ -203,6 +267,24 @@ impl Observer {
         {
             warn!(root, %error, "cannot stop watching the job");
         }
+    }
+
+    /// Wakes the sampler: a job has started here or arrived, and is to be watched at once (the probes
+    /// count only what a job's processes do, and fork, once it is watched).
+    pub fn poke(&self) {
+        *self.poked.0.lock().expect("poked") = true;
+        self.poked.1.notify_all();
+    }
+
+    /// Waits until the next sample is due: [`SAMPLE_EVERY`] after the last, [`YOUNG_EVERY`] while a job is
+    /// young, or at once when poked.
+    pub fn wait_for_next(&self) {
+        let young = self.seen.lock().expect("seen").values().any(|s| s.samples < YOUNG_SAMPLES);
+        let every = if young { YOUNG_EVERY } else { SAMPLE_EVERY };
+        let (lock, wake) = &self.poked;
+        let poked = lock.lock().expect("poked");
+        let (mut poked, _) = wake.wait_timeout_while(poked, every, |poked| !*poked).expect("poked");
+        *poked = false;
     }
 
     /// What is known of the job whose root is `root`.
@@ -252,15 +334,28 @@ impl Observer {
             };
             let Some(before) = seen.get(&job.root) else {
                 self.watch(job.root);
-                let class = classify(&Rates::default(), job.hint, reason.is_some());
+                // What it did from its start until now, from /proc (the probes count from now on).
+                let life = processes
+                    .iter()
+                    .filter_map(|&p| rmosix_ebpf_probes::proc_counters(p.unsigned_abs()).ok())
+                    .fold(Counters::default(), |sum, c| sum + c);
+                let (fast, slow) = match age(job.root) {
+                    Some(age) if !age.is_zero() => {
+                        let rates = Rates::of(&life, age);
+                        (
+                            Average::default().then(rates, age, FAST_HALF_LIFE),
+                            Average::default().then(rates, age, SLOW_HALF_LIFE),
+                        )
+                    }
+                    _ => (Average::default(), Average::default()),
+                };
                 let fresh = Seen {
-                    class,
+                    class: classify(&fast.rates, job.hint, reason.is_some()),
                     reason,
-                    fast: Rates::default(),
-                    slow: Rates::default(),
+                    fast,
+                    slow,
                     rss,
                     stopped,
-                    // Nothing yet from the probes (they count from now on); all so far from /proc.
                     last: counters,
                     at: now,
                     samples: 0,
@@ -270,14 +365,10 @@ impl Observer {
             };
             let dt = now.duration_since(before.at);
             let rates = Rates::of(&counters.since(&before.last), dt);
-            // The first interval's rates stand for the job's whole life so far.
-            let (fast, slow) = if before.samples == 0 {
-                (rates, rates)
-            } else {
-                (before.fast.decayed(rates, dt, FAST_HALF_LIFE), before.slow.decayed(rates, dt, SLOW_HALF_LIFE))
-            };
+            let fast = before.fast.then(rates, dt, FAST_HALF_LIFE);
+            let slow = before.slow.then(rates, dt, SLOW_HALF_LIFE);
             let next = Seen {
-                class: classify(&fast, job.hint, reason.is_some()),
+                class: classify(&fast.rates, job.hint, reason.is_some()),
                 reason,
                 fast,
                 slow,
@@ -290,6 +381,19 @@ impl Observer {
             seen.insert(job.root, next);
         }
     }
+}
+
+/// How long process `pid` has been running: `starttime` of `/proc/PID/stat` (clock ticks after boot)
+/// against the boot-time clock.
+fn age(pid: i32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // starttime is field 22 of stat, the 20th after the command.
+    let ticks: u64 = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()?;
+    // SAFETY: sysconf with a constant.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&hz| hz > 0)?;
+    let started = Duration::from_secs(ticks / hz) + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz);
+    let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    Some(Duration::from(boot).saturating_sub(started))
 }
 
 /// Resident bytes of process `pid` and whether it is stopped (`T` in `/proc/PID/stat`).
@@ -326,11 +430,16 @@ mod tests {
     #[test]
     fn synchronous_writes_are_io_bound_and_a_compressor_reading_cached_files_is_not() {
         // dd oflag=dsync: little CPU, blocks submitted, sleeping on each; on a busy node, it waits for a
-        // CPU after each.
+        // CPU after each (measured with 8 spinners on its CPU: 1-6 % CPU, 70-95 % waiting, 300-3500 sleeps/s).
         assert_eq!(classify(&rates(0.1, 0.0, 2e6, 1e6, 250.0), None, false), Class::Io);
-        assert_eq!(classify(&rates(0.02, 0.7, 2e6, 1e6, 250.0), None, false), Class::Io);
+        assert_eq!(classify(&rates(0.02, 0.9, 2e6, 1e6, 1500.0), None, false), Class::Io);
         // gzip of a cached file: a whole CPU, bytes through read and write, rarely sleeping.
         assert_eq!(classify(&rates(0.95, 0.0, 0.0, 5e7, 2.0), None, false), Class::Cpu);
+        // gzip of a file on disk: it reads from the disk, but computes for milliseconds between its reads.
+        assert_eq!(classify(&rates(0.95, 0.0, 5e7, 5e7, 200.0), None, false), Class::Cpu);
+        // A python spinner in the crowd, seconds after it read its modules from a cold disk: most of its time
+        // waiting for the CPU, its start-up reads not yet forgotten, but it no longer sleeps.
+        assert_eq!(classify(&rates(0.12, 0.85, 3e6, 0.0, 10.0), None, false), Class::Cpu);
     }
 
     #[test]
@@ -352,6 +461,38 @@ mod tests {
         }
         assert_eq!(classify(&fast, None, false), Class::Sleeping, "{fast:?}");
         assert!(slow.cpu > 0.8, "{slow:?}");
+    }
+
+    #[test]
+    fn a_first_look_gives_the_rates_seen_and_weighs_as_long_as_it_lasted() {
+        let busy = rates(1.0, 0.0, 0.0, 0.0, 0.0);
+        let idle = Rates::default();
+        let first = Average::default().then(busy, Duration::from_millis(100), FAST_HALF_LIFE);
+        assert!((first.rates.cpu - 1.0).abs() < 1e-9, "{first:?}");
+        // 100 ms of start-up, then half a second asleep: a sleeper.
+        let sleeper = first.then(idle, Duration::from_millis(500), FAST_HALF_LIFE);
+        assert_eq!(classify(&sleeper.rates, None, false), Class::Sleeping, "{sleeper:?}");
+        // Two seconds busy, then half a second asleep: still wants a CPU.
+        let spinner = Average::default()
+            .then(busy, Duration::from_secs(2), FAST_HALF_LIFE)
+            .then(idle, Duration::from_millis(500), FAST_HALF_LIFE);
+        assert_eq!(classify(&spinner.rates, None, false), Class::Cpu, "{spinner:?}");
+        // Seen long enough, it is the usual decayed average.
+        let mut long = Average::default();
+        for _ in 0..40 {
+            long = long.then(busy, Duration::from_millis(250), FAST_HALF_LIFE);
+        }
+        assert!((long.weight - 1.0).abs() < 1e-3, "{long:?}");
+        let decayed = busy.decayed(idle, Duration::from_secs(1), FAST_HALF_LIFE);
+        let averaged = long.then(idle, Duration::from_secs(1), FAST_HALF_LIFE);
+        assert!((averaged.rates.cpu - decayed.cpu).abs() < 1e-3, "{averaged:?} {decayed:?}");
+    }
+
+    #[test]
+    fn a_process_is_as_old_as_its_stat_says() {
+        let mine = age(std::process::id().cast_signed()).unwrap();
+        assert!(mine < Duration::from_hours(1), "{mine:?}");
+        assert_eq!(age(i32::MAX), None);
     }
 
     #[test]

@@ -376,7 +376,7 @@ fn mosrun_starts_a_job_on_the_node_asked_and_the_deputy_says_when_that_node_dies
     // before that, a node 2 that dies leaves the job to be restored at node 1 from the images kept there.
     wait_until("the job to run on node 2, linked home", PATIENCE, || {
         let record = record(&c, pid);
-        record["node"] == 2 && record["node_pid"] != serde_json::Value::from(0)
+        record["node"] == 2 && record["node_pid"] != 0
     });
     assert_eq!(running(&c, 2, "rmx-job").len(), 1);
     assert!(running(&c, 1, "rmx-job").is_empty());

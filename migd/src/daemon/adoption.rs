@@ -90,6 +90,7 @@ impl Daemon {
         }
         self.keep(&runner, stdout.as_fd(), stderr.as_fd(), kept.arriving);
         self.runners.lock().expect("runners").insert((kept.home_node, home_pid), Arc::clone(&runner));
+        self.observer.poke();
         if kept.home_node == self.me().0 {
             info!(home_pid, pid = kept.pid, "took up a job of this node; waiting for its deputy");
             self.adopted.lock().expect("adopted").insert(home_pid, (Arc::clone(&runner), stdout, stderr, kept.arriving));

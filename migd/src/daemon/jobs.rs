@@ -1,6 +1,7 @@
 //! The jobs running here as the kernel sees them, and every job of the cluster for `mosctl jobs`: the
-//! sampler ([`crate::observe`]) runs every second over this node's runners; a `Jobs` request asks every
-//! node that infod says is up, in parallel, and names those that do not answer in time.
+//! sampler ([`crate::observe`]) runs every second over this node's runners (sooner when one starts); a
+//! `Jobs` request asks every node that infod says is up, in parallel, and names those that do not answer
+//! in time.
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -15,13 +16,11 @@ use crate::channel::blocking::Channel;
 use crate::observe::Watched;
 use crate::protocol;
 
-/// How often the jobs running here are sampled.
-const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// How long `mosctl jobs` waits for the other nodes.
 const ASK_LIMIT: Duration = Duration::from_secs(2);
 
 impl Daemon {
-    /// Samples the jobs running here every second, for ever.
+    /// Samples the jobs running here every second (sooner for new ones), for ever.
     pub(super) fn start_sampling(self: &Arc<Self>) {
         let daemon = Arc::clone(self);
         let spawned = std::thread::Builder::new().name("sample".into()).spawn(move || {
@@ -34,7 +33,7 @@ impl Daemon {
                     .map(|r| Watched { root: r.job.pid(), hint: r.facts.hint })
                     .collect();
                 daemon.observer.sample(&jobs);
-                std::thread::sleep(SAMPLE_EVERY);
+                daemon.observer.wait_for_next();
             }
         });
         if let Err(error) = spawned {
@@ -68,10 +67,10 @@ impl Daemon {
                     state: state.to_owned(),
                     class: seen.as_ref().map_or(Class::Sleeping, |s| s.class),
                     reason: seen.as_ref().and_then(|s| s.reason.clone()),
-                    cpu: seen.as_ref().map_or(0.0, |s| (s.fast.cpu * 1000.0).round() / 10.0),
+                    cpu: seen.as_ref().map_or(0.0, |s| (s.fast.rates.cpu * 1000.0).round() / 10.0),
                     rss: seen.as_ref().map_or(0, |s| s.rss),
-                    read_bps: seen.as_ref().map_or(0, |s| bps(s.fast.read_bps)),
-                    write_bps: seen.as_ref().map_or(0, |s| bps(s.fast.write_bps)),
+                    read_bps: seen.as_ref().map_or(0, |s| bps(s.fast.rates.read_bps)),
+                    write_bps: seen.as_ref().map_or(0, |s| bps(s.fast.rates.write_bps)),
                     migrations: r.facts.migrations,
                     started: r.facts.started,
                 }
