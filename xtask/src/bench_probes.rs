@@ -12,8 +12,9 @@
 //! attached, the workload in no job (each fork, exit or free pays the lookup that finds it unwatched),
 //! (c) probes loaded, the workload watched as a job from before its start (its partner followed through
 //! the fork), and (a2) no probes again, the noise floor. Every round runs each condition once, the order of the
-//! conditions and of the workloads turned by one place per round; the probes are loaded once on entering
-//! b or c and dropped (detached, unloaded) on entering a or a2.
+//! conditions turned by one place every second round and backwards in the rounds between (so b and c follow
+//! a load equally often), that of the workloads turned by one place per round; the probes are loaded once on
+//! entering b or c and dropped (detached, unloaded) on entering a or a2, with a pause of half a second after.
 //!
 //! The figure is CPU time per operation (`CLOCK_PROCESS_CPUTIME_ID` of the workload's processes): it
 //! includes the probes' run time, charged by the kernel to the task they run in, and not the time other
@@ -445,8 +446,10 @@ pub fn run(args: &ProbesBenchArgs) -> anyhow::Result<()> {
          probes loaded and attached, the workload in no job (each event the probes run on, a fork, an exit or a \
          free, pays the lookup that finds it unwatched); *c*, the workload watched as a job from before its start \
          (`ping-pong`'s partner is followed through its fork); *a2*, no probes again, the noise floor. Each round \
-         runs every condition once, the order of conditions and of workloads turned by one place per round; the \
-         probes are loaded on entering b or c and dropped (detached and unloaded) on entering a or a2. Each of c's \
+         runs every condition once, the order of conditions turned by one place every second round and backwards \
+         in the rounds between (so that b and c follow a load equally often), that of the workloads by one place \
+         per round; the probes are loaded on entering b or c and dropped (detached and unloaded) on entering a or \
+         a2, with half a second's pause after each. Each of c's \
          samples is checked to have been counted by the probes.\n\n\
          CPU time per operation (`CLOCK_PROCESS_CPUTIME_ID` of the workload's processes: it includes what the \
          probes run in the kernel and leaves out what other processes take from the CPU), median of {} rounds. \

@@ -38,10 +38,12 @@
 //!
 //! The operation counts are calibrated once, at the start, from a short run of each workload with no
 //! probes, to take `--sample-ms` each. Then each round runs every condition, in the order `a b c a2`
-//! turned by one place per round, and within a condition every workload, in an order also turned per round:
-//! drift of the machine spreads over all conditions. The probes are loaded when a round enters `b` or `c`
+//! turned by one place every second round and run backwards in the rounds between, and within a condition
+//! every workload, in an order also turned per round: drift of the machine spreads over all conditions, and
+//! `b` and `c` come first after a load equally often. The probes are loaded when a round enters `b` or `c`
 //! with none loaded and dropped (detached and unloaded) when it enters `a` or `a2`, a few times per round;
-//! each change is followed by a short pause, so that what the kernel frees late does not land in a sample.
+//! each change is followed by a pause, so that what the kernel does late (freeing, patching the
+//! trampolines of every CPU) does not land in a sample.
 //! This program stays off the benchmark CPU when it may use another.
 //!
 //! # Output
@@ -81,7 +83,7 @@ use nix::unistd::{ForkResult, Pid, fork, pipe};
 use rmosix_ebpf_probes::{Counters, Probes};
 
 /// How long to wait after loading or dropping the probes before the next sample.
-const SETTLE: Duration = Duration::from_millis(200);
+const SETTLE: Duration = Duration::from_millis(500);
 
 /// xorshift steps in one operation of `cpu-loop`.
 const STEPS_PER_OP: u32 = 1024;
@@ -221,9 +223,20 @@ enum Condition {
 }
 
 impl Condition {
-    /// The order within round 0; each later round starts one place further.
+    /// The order within round 0.
     const ORDER: [Condition; 4] =
         [Condition::Unloaded, Condition::Loaded, Condition::Watched, Condition::UnloadedAgain];
+
+    /// The order within round `round`: [`Condition::ORDER`] turned by one place every second round, and
+    /// backwards in odd rounds, so that `b` and `c` each follow a load of the probes as often as the other.
+    fn order(round: usize) -> [Condition; 4] {
+        let mut order: [Condition; 4] =
+            std::array::from_fn(|i| Condition::ORDER[(round / 2 + i) % Condition::ORDER.len()]);
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        order
+    }
 
     /// The name in the output.
     fn name(self) -> &'static str {
@@ -311,8 +324,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut probes: Option<Probes> = None;
     let mut ours: Option<usize> = None;
     for round in 0..args.rounds {
-        for i in 0..Condition::ORDER.len() {
-            let condition = Condition::ORDER[(round + i) % Condition::ORDER.len()];
+        for condition in Condition::order(round) {
             if condition.needs_probes() != probes.is_some() {
                 probes = None;
                 if condition.needs_probes() {
