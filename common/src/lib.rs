@@ -6,6 +6,7 @@
 //! it is given, so it too is tested without root on fake trees): the rest are pure data types and codecs,
 //! reused unchanged by the daemons, the tools and the simulations.
 
+pub mod balance;
 pub mod cgroup;
 pub mod config;
 pub mod control;
