@@ -38,6 +38,32 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     /// Migration daemon settings.
     pub migd: MigdConfig,
+    /// Automatic load balancing and memory ushering, by migd.
+    pub balance: BalanceConfig,
+}
+
+/// How migd moves jobs by itself (see `rmosix_common::balance`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceConfig {
+    /// Move CPU-bound jobs to less loaded nodes, and memory-hungry ones off a node short of memory, without
+    /// anyone asking. `migrate` works either way.
+    pub auto: bool,
+    /// Milliseconds between two decisions.
+    pub interval_ms: u64,
+    /// How much more of a CPU a job must get elsewhere, as a fraction of what it gets here, to be moved.
+    pub margin: f64,
+    /// Seconds a job stays on a node before the balancer moves it again.
+    pub min_residence_secs: u64,
+    /// Free memory, as a fraction of the node's, below which the node sends jobs away; no job is moved to a
+    /// node it would bring below it.
+    pub usher_below: f64,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self { auto: true, interval_ms: 1000, margin: 0.3, min_residence_secs: 3, usher_below: 0.1 }
+    }
 }
 
 /// Settings of migd, the migration daemon.
@@ -195,6 +221,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             checkpoint: CheckpointConfig::default(),
             migd: MigdConfig::default(),
+            balance: BalanceConfig::default(),
         }
     }
 }

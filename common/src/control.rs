@@ -99,6 +99,12 @@ pub struct JobFacts {
     pub started: u64,
     /// Moves completed so far.
     pub migrations: u32,
+    /// Never leaves its home node (`mosrun -h`).
+    #[serde(default)]
+    pub stay_home: bool,
+    /// Moves only when someone asks (`mosrun -L`, `mosctl pin`): never by the balancer or the usher.
+    #[serde(default)]
+    pub manual: bool,
 }
 
 /// One job as the node it runs on sees it (`mosctl jobs`).
@@ -225,6 +231,8 @@ pub enum Refusal {
     NoSuchNode,
     StaysHome,
     Busy,
+    /// `migrate PID balance`: no node would run it better than where it runs.
+    Balanced,
     BadRequest,
     Failed,
 }
@@ -241,6 +249,8 @@ pub enum Response {
     Lost { reason: String },
     /// A migration finished.
     Moved { home_pid: i32, from: u32, to: u32, seconds: f64, frozen: f64 },
+    /// `migrate PID balance` left the job where it runs, and why.
+    Stayed { home_pid: i32, node: u32, why: String },
     /// A request was refused.
     Refused { why: Refusal, message: String },
     /// The number of guest jobs running here.

@@ -34,6 +34,7 @@ use crate::records::{JobState, RecordStore, RecordsError};
 use crate::relay::Sink;
 
 mod adoption;
+mod balancer;
 mod control;
 mod destination;
 mod guest;
@@ -210,6 +211,8 @@ pub struct Daemon {
     adopted: Mutex<HashMap<i32, Adopted>>,
     /// What the jobs running here do, and their class.
     observer: crate::observe::Observer,
+    /// What the balancer remembers between its decisions.
+    balancer: balancer::BalancerState,
 }
 
 /// A job homed here, taken up from the keeper: the runner, its stdout and stderr read ends, and whether
@@ -270,6 +273,7 @@ impl Daemon {
             keeper,
             adopted: Mutex::new(HashMap::new()),
             observer,
+            balancer: balancer::BalancerState::default(),
         })
     }
 
@@ -345,6 +349,7 @@ impl Daemon {
         // Before anyone can ask for them: the jobs that ran on while no migd was here.
         self.adopt_kept();
         self.start_sampling();
+        self.start_balancing();
         let addr = SocketAddr::from((self.settings.addr(), self.settings.config.migd.port));
         let tcp = TcpListener::bind(addr).map_err(|source| StartError::Listen { what: addr.to_string(), source })?;
         let daemon = Arc::clone(self);

@@ -64,8 +64,11 @@ pub const STDIN_EOF: u8 = 14;
 pub const SIGNAL: u8 = 15;
 /// The job ended (to home): JSON exit code.
 pub const EXIT: u8 = 16;
-/// Move the job (from home): JSON destination node.
+/// Move the job (from home): JSON destination node, or [`BALANCE`].
 pub const MIGRATE: u8 = 17;
+/// The destination of a `MIGRATE` that leaves the choice to the node the job runs on (`migrate PID
+/// balance`): where it would run best, if anywhere better than there. No node has this id.
+pub const BALANCE: u32 = 0;
 /// The job moved; this link ends (to home): [`Moved`].
 pub const MOVED: u8 = 18;
 /// A move failed; the job runs on (to home): JSON reason.

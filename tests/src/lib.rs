@@ -92,12 +92,15 @@ pub struct Spec {
     pub mem_limit: u64,
     /// Directory holding the built `infod` (and the other binaries, put first on PATH for `exec`).
     pub bin_dir: PathBuf,
+    /// migd's balancer moves jobs by itself (`[balance] auto`). Off unless a test is about it, so that
+    /// every other test's jobs stay where the test puts them.
+    pub balance: bool,
 }
 
 impl Spec {
     /// A cluster of `nodes` nodes called `name`, 4 GiB each, binaries from `bin_dir`.
     pub fn new(name: &str, nodes: u32, bin_dir: PathBuf) -> Self {
-        Self { name: name.to_owned(), nodes, mem_limit: 4 << 30, bin_dir }
+        Self { name: name.to_owned(), nodes, mem_limit: 4 << 30, bin_dir, balance: false }
     }
 }
 
@@ -333,6 +336,7 @@ impl Cluster {
             nodes: v["nodes"].as_u64().and_then(|n| u32::try_from(n).ok()).context("cluster.json: nodes")?,
             mem_limit: v["mem_limit"].as_u64().context("cluster.json: mem_limit")?,
             bin_dir: PathBuf::from(v["bin_dir"].as_str().context("cluster.json: bin_dir")?),
+            balance: v["balance"].as_bool().unwrap_or(false),
         };
         let cgroup = cluster_cgroup(name)?;
         Ok(Self { spec, dir, keep: true, outsider: false, cgroup, name_lock: None })
@@ -485,6 +489,8 @@ impl Cluster {
                  port = {MIGD_PORT}\n\
                  socket = \"migd.sock\"\n\
                  records = \"records\"\n\n\
+                 [balance]\n\
+                 auto = {}\n\n\
                  # The tests move root's jobs too.\n\
                  [policy]\n\
                  allow_root_guests = true\n\n\
@@ -493,6 +499,7 @@ impl Cluster {
                  image_store = \"{IMAGE_STORE}\"\n\
                  log_dir = \"criu-logs\"\n",
                 node.path(),
+                self.spec.balance,
                 criu_path().display(),
             );
             std::fs::write(self.config(i), config)?;
@@ -503,6 +510,7 @@ impl Cluster {
             "name": name,
             "nodes": self.spec.nodes,
             "mem_limit": self.spec.mem_limit,
+            "balance": self.spec.balance,
             "bin_dir": self.spec.bin_dir,
         });
         std::fs::write(self.dir.join("cluster.json"), meta.to_string())?;

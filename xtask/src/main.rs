@@ -254,6 +254,8 @@ fn cluster(command: ClusterCmd) -> anyhow::Result<()> {
             build()?;
             let mut spec = Spec::new(&name, nodes, bin_dir());
             spec.mem_limit = mem_mb << 20;
+            // A cluster for people: jobs spread by themselves, as on a real one.
+            spec.balance = true;
             let mut cluster = Cluster::up(spec)?;
             cluster.keep();
             println!(

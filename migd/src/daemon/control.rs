@@ -191,8 +191,14 @@ impl Daemon {
                 return;
             }
             Where::Node(n) => n,
+            Where::Best if req.options.stay_home => self.me().0,
             Where::Best => self.best_node(None, req.options.mem_mb.unwrap_or(0).saturating_mul(1 << 20)),
         };
+        if req.options.stay_home && start_on != self.me().0 {
+            let why = format!("-h keeps the job on its home node, node {}, and -N {start_on} asks for another", self.me().0);
+            refuse(&mut stream, Refusal::BadRequest, why);
+            return;
+        }
         let credentials = match credentials(&stream, peer) {
             Ok(c) => c,
             Err(e) => {
@@ -254,6 +260,8 @@ impl Daemon {
                 hint: req.options.hint,
                 started: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                 migrations: 0,
+                stay_home: req.options.stay_home,
+                manual: req.options.no_auto_migrate,
             },
         };
         let runner = Arc::new(Runner::new(whose, job, Some(pipes.stdin), 0, cgroup).kept_by(self.keeper.as_ref()));
@@ -369,12 +377,13 @@ impl Daemon {
             return Err(MoveError::new(Refusal::StaysHome, "it was started to stay on its home node (mosrun -h)"));
         }
         let from = record.node.0;
+        // Where to; for `balance`, the node the job runs on decides (it knows what the job does there).
         let to = match target {
             Target::Home => self.me().0,
             Target::Node(n) => n,
-            Target::Balance => self.best_node(Some(from), 0),
+            Target::Balance => protocol::BALANCE,
         };
-        if self.settings.map.get(NodeId(to)).is_none() {
+        if to != protocol::BALANCE && self.settings.map.get(NodeId(to)).is_none() {
             return Err(MoveError::new(
                 Refusal::NoSuchNode,
                 format!("node {to} is not in the cluster map; `mosctl status` lists the nodes"),
@@ -383,6 +392,9 @@ impl Daemon {
         if to == from {
             return Err(MoveError::new(Refusal::Failed, format!("it already runs on node {to}")));
         }
+        let stayed = |e: MoveError| -> Result<Response, MoveError> {
+            if e.why == Refusal::Balanced { Ok(Response::Stayed { home_pid, node: from, why: e.message }) } else { Err(e) }
+        };
         let started = Instant::now();
         *home.move_result.lock().expect("move result") = None;
         let location = match &*home.location.lock().expect("location") {
@@ -392,7 +404,10 @@ impl Daemon {
         };
         match location {
             Ok(runner) => {
-                self.move_runner(&runner, to)?;
+                let moved = if to == protocol::BALANCE { self.rebalance(&runner) } else { self.move_runner(&runner, to) };
+                if let Err(e) = moved {
+                    return stayed(e);
+                }
             }
             Err(link) => {
                 link.lock()
@@ -409,7 +424,10 @@ impl Daemon {
         }
         let result = slot.take().unwrap_or_else(|| Err(MoveError::new(Refusal::Failed, "the move did not finish within 10 minutes")));
         drop(slot);
-        let to = result?;
+        let to = match result {
+            Ok(to) => to,
+            Err(e) => return stayed(e),
+        };
         let frozen = *home.frozen.lock().expect("frozen");
         Ok(Response::Moved { home_pid, from, to, seconds: started.elapsed().as_secs_f64(), frozen })
     }

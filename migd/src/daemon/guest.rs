@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use rmosix_common::NodeId;
-use rmosix_common::control::Refusal;
 use tracing::{info, warn};
 
 use crate::channel::blocking::{Channel, Reader, Writer};
@@ -254,18 +253,12 @@ impl Daemon {
                 }
                 Ok((protocol::MIGRATE, data)) => {
                     let Ok(to) = serde_json::from_slice::<u32>(&data) else { continue };
-                    if runner.in_move.swap(true, Ordering::AcqRel) {
-                        let failure = serde_json::to_vec(&(Refusal::Busy, "a move of this job is under way")).expect("json");
-                        let _ = slot.send_frame(protocol::MOVE_FAILED, &failure);
-                        continue;
-                    }
                     // The move runs beside this loop, which goes on taking home's acknowledgements and
                     // linking again if home's migd restarts meanwhile; the link ends with the move (`MOVED`
                     // is its last word), and this loop with it.
                     let (daemon, runner, slot) = (Arc::clone(self), Arc::clone(runner), Arc::clone(slot));
                     std::thread::spawn(move || {
-                        let moved = daemon.move_runner(&runner, to);
-                        runner.in_move.store(false, Ordering::Release);
+                        let moved = if to == protocol::BALANCE { daemon.rebalance(&runner) } else { daemon.move_runner(&runner, to) };
                         // A copy that is gone has no link; home knows what became of the job.
                         if let Err(e) = moved
                             && !runner.moving.load(Ordering::Relaxed)

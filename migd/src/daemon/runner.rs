@@ -6,6 +6,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use nix::sys::signal::Signal;
 use rmosix_checkpoint::criu::Owner;
@@ -110,8 +111,10 @@ pub(super) struct Runner {
     pub(super) cgroup: Option<JobCgroups>,
     /// A guest's link home, while it has one.
     pub(super) link: Mutex<Option<Arc<LinkSlot>>>,
-    /// A move of this copy, asked for over its link, is under way.
+    /// A move of this copy is under way (`Daemon::move_runner` holds it).
     pub(super) in_move: AtomicBool,
+    /// When this copy started running here (started, arrived or taken up).
+    pub(super) arrived: Instant,
     /// The keeper holding the job's pipes too, told when the job's stdin ends (its copy of the write end
     /// would keep the job from seeing the end).
     pub(super) keeper: Option<Keeper>,
@@ -137,6 +140,7 @@ impl Runner {
             cgroup,
             link: Mutex::new(None),
             in_move: AtomicBool::new(false),
+            arrived: Instant::now(),
             keeper: None,
         }
     }

@@ -34,6 +34,15 @@ impl Daemon {
     /// been relayed to the end; on failure the job runs on here (possibly as a new copy restored from its
     /// images, when the destination failed after the commit).
     pub(super) fn move_runner(self: &Arc<Self>, runner: &Arc<Runner>, to: u32) -> Result<Duration, MoveError> {
+        if runner.in_move.swap(true, Ordering::AcqRel) {
+            return Err(MoveError::new(Refusal::Busy, "a move of this job is under way; try again once it is done"));
+        }
+        let result = self.move_runner_guarded(runner, to);
+        runner.in_move.store(false, Ordering::Release);
+        result
+    }
+
+    fn move_runner_guarded(self: &Arc<Self>, runner: &Arc<Runner>, to: u32) -> Result<Duration, MoveError> {
         let started = Instant::now();
         let span = tracing::info_span!(
             "migration",

@@ -69,6 +69,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
             println!("moved {home_pid} from node {from} to node {to} in {seconds:.2} s (frozen {frozen:.3} s)");
             Ok(())
         }
+        Response::Stayed { home_pid, node, why } => {
+            println!("{home_pid} stays on node {node}: {why}");
+            Ok(())
+        }
         Response::Refused { message, .. } => anyhow::bail!("cannot move {}: {message}", args.pid),
         other => anyhow::bail!("unexpected answer from migd: {other:?}"),
     }

@@ -1,0 +1,209 @@
+//! Jobs spread by themselves: on a cluster whose migds balance (`[balance] auto`), CPU-bound jobs started
+//! by an ordinary user on one node move to an idle one without anyone typing `migrate`, and come out whole;
+//! an I/O-bound job, a job started with `mosrun -h` or `-L`, and any job when the other node blocks guests
+//! stay where they are; `migrate PID balance` on a balanced cluster leaves the job where it runs.
+
+use std::process::{Child, Command, Stdio};
+
+use rmosix_testcluster::user::{Lines, TestUser, test_user};
+use rmosix_testcluster::{Cluster, PATIENCE, Spec, bin_dir_of_current_test, wait_until};
+use serde_json::Value;
+
+/// A 2-node cluster (one CPU each on a 2-CPU machine) whose migds balance.
+fn cluster(name: &str) -> Cluster {
+    let spec = Spec { balance: true, ..Spec::new(name, 2, bin_dir_of_current_test()) };
+    Cluster::up(spec).unwrap_or_else(|e| panic!("cannot start test cluster {name}: {e:#}"))
+}
+
+fn job() -> std::path::PathBuf {
+    bin_dir_of_current_test().join("rmx-job")
+}
+
+/// What `rmx-job ARGS` prints when it runs unmoved.
+fn reference(args: &[&str]) -> String {
+    let out = Command::new(job()).args(args).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `mosrun [options] rmx-job ARGS` on node 1 as the test user; its output collected.
+fn start(c: &Cluster, u: &TestUser, options: &[&str], args: &[&str]) -> (Child, Lines) {
+    let mut child = c
+        .command_as(1, u, "mosrun")
+        .unwrap()
+        .args(options)
+        .arg(job())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = Lines::of(&mut child);
+    (child, lines)
+}
+
+/// `mosctl jobs --json` on node 1, as the test user.
+fn jobs(c: &Cluster, u: &TestUser) -> Value {
+    let out = c.command_as(1, u, "mosctl").unwrap().args(["jobs", "--json"]).output().unwrap();
+    assert!(out.status.success(), "mosctl jobs: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The job with home PID `pid` in a `mosctl jobs --json` answer.
+fn view_of(all: &Value, pid: u32) -> Option<Value> {
+    all["jobs"].as_array()?.iter().find(|j| j["home_pid"] == pid).cloned()
+}
+
+/// The home record of job `pid` (node 1 is home): where it runs and how often it moved.
+fn record(c: &Cluster, pid: u32) -> Value {
+    let path = c.node_dir(1).join("records").join(format!("{pid}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str::<Value>(&text).unwrap()["record"].clone()
+}
+
+/// Waits for every job, and checks that each exited 0 with the output of an unmoved run.
+fn all_whole(children: Vec<(Child, Lines)>, args: &[&str]) {
+    let expected = reference(args);
+    for (mut child, lines) in children {
+        assert!(child.wait().unwrap().success());
+        assert_eq!(lines.finish(), expected);
+    }
+}
+
+const SPIN: [&str; 3] = ["spin", "800", "2000000"];
+
+#[test]
+fn cpu_bound_jobs_spread_to_an_idle_node_by_themselves_and_an_io_bound_one_stays() {
+    let c = cluster("balance");
+    let u = test_user().unwrap();
+    let dir = u.home.join("rmosix-test-balance");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(u.uid)), Some(nix::unistd::Gid::from_raw(u.gid))).unwrap();
+    // Synchronous writes, as a database or a logger does: I/O-bound, never worth moving.
+    let io_script = format!(
+        "for i in $(seq 400); do dd if=/dev/zero of={}/sync bs=4k count=64 oflag=dsync 2>/dev/null; echo $i; done",
+        dir.display()
+    );
+    let mut io = c
+        .command_as(1, &u, "mosrun")
+        .unwrap()
+        .args(["sh", "-c", &io_script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let io_pid = io.id();
+    let io_lines = Lines::of(&mut io);
+    let spinners: Vec<(Child, Lines)> = (0..4).map(|_| start(&c, &u, &[], &SPIN)).collect();
+    let pids: Vec<u32> = spinners.iter().map(|(child, _)| child.id()).collect();
+
+    // Nobody types migrate: two of the four go to node 2.
+    wait_until("two of the four CPU-bound jobs on node 2", PATIENCE, || {
+        let view = jobs(&c, &u);
+        pids.iter().filter(|&&p| view_of(&view, p).is_some_and(|j| j["node"] == 2)).count() == 2
+    });
+    let view = jobs(&c, &u);
+    let io_view = view_of(&view, io_pid).expect("the I/O-bound job is listed");
+    assert_eq!(io_view["node"], 1, "{io_view}");
+    assert_eq!(io_view["class"], "io", "{io_view}");
+
+    all_whole(spinners, &SPIN);
+    for &pid in &pids {
+        let r = record(&c, pid);
+        assert!(r["migrations"].as_u64().unwrap() <= 2, "a job moved back and forth: {r}");
+    }
+    assert!(io.wait().unwrap().success());
+    let expected = (1..=400).map(|i: u32| i.to_string()).collect::<Vec<_>>().join("\n") + "\n";
+    assert_eq!(io_lines.finish(), expected);
+    assert_eq!(record(&c, io_pid)["migrations"], 0, "the I/O-bound job moved");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn jobs_that_must_stay_and_a_node_that_blocks_guests_keep_every_job_home() {
+    let c = cluster("balstay");
+    let u = test_user().unwrap();
+    // -h (stay home) and -L (manual moves only): never moved by the balancer.
+    let pinned: Vec<(Child, Lines)> =
+        [["-h"], ["-L"], ["-h"], ["-L"]].iter().map(|o| start(&c, &u, o, &SPIN)).collect();
+    let pids: Vec<u32> = pinned.iter().map(|(child, _)| child.id()).collect();
+    // Long enough for the balancer to have moved them had it been allowed to: every job classed CPU-bound
+    // and settled, node 2 idle and known.
+    wait_until("the four jobs classed CPU-bound", PATIENCE, || {
+        let view = jobs(&c, &u);
+        pids.iter().all(|&p| view_of(&view, p).is_some_and(|j| j["class"] == "cpu"))
+    });
+    let settled = std::time::Instant::now();
+    wait_until("the balancer's residence time and a few of its rounds", PATIENCE, || {
+        settled.elapsed() >= std::time::Duration::from_secs(6)
+    });
+    // `migrate balance` is the owner asking: a -L job may go, a -h job may not.
+    let out = c.command_as(1, &u, "migrate").unwrap().args([pids[0].to_string().as_str(), "balance"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stay on its home node"), "{out:?}");
+    for &pid in &pids {
+        assert_eq!(record(&c, pid)["migrations"], 0, "job {pid} moved by itself: {}", record(&c, pid));
+    }
+
+    // Node 2 blocks guests: nothing goes there, though node 1 has four jobs on one CPU.
+    let config = c.config(2);
+    let text = std::fs::read_to_string(&config).unwrap().replace("[policy]\n", "[policy]\nblock_guests = true\n");
+    std::fs::write(&config, text).unwrap();
+    for daemon in ["infod", "migd"] {
+        c.kill_daemon(2, daemon).unwrap();
+    }
+    c.start_infod(2).unwrap();
+    c.start_migd(2).unwrap();
+    let free: Vec<(Child, Lines)> = (0..2).map(|_| start(&c, &u, &[], &SPIN)).collect();
+    let free_pids: Vec<u32> = free.iter().map(|(child, _)| child.id()).collect();
+    wait_until("node 1 to see node 2 block guests", PATIENCE, || {
+        let out = c.command(1, "mosctl").unwrap().args(["status", "--json"]).output().unwrap();
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        status["nodes"].as_array().is_some_and(|n| n.iter().any(|n| n["id"] == 2 && n["blocks_guests"] == true))
+    });
+    wait_until("the two free jobs classed CPU-bound", PATIENCE, || {
+        let view = jobs(&c, &u);
+        free_pids.iter().all(|&p| view_of(&view, p).is_some_and(|j| j["class"] == "cpu"))
+    });
+    let settled = std::time::Instant::now();
+    wait_until("a few more rounds of the balancer", PATIENCE, || settled.elapsed() >= std::time::Duration::from_secs(6));
+    for &pid in &free_pids {
+        assert_eq!(record(&c, pid)["migrations"], 0, "job {pid} moved to a node that blocks guests");
+    }
+    let mut all = pinned;
+    all.extend(free);
+    all_whole(all, &SPIN);
+}
+
+#[test]
+fn migrate_balance_leaves_a_job_alone_on_a_balanced_cluster_and_moves_one_from_a_crowded_node() {
+    let c = cluster("balmig");
+    let u = test_user().unwrap();
+    // -L keeps the balancer off them; migrate still moves them.
+    let (first, first_lines) = start(&c, &u, &["-L"], &SPIN);
+    let pid = first.id();
+    let stays = || {
+        let out = c.command_as(1, &u, "migrate").unwrap().args([pid.to_string().as_str(), "balance"]).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until("the job classed CPU-bound", PATIENCE, || view_of(&jobs(&c, &u), pid).is_some_and(|j| j["class"] == "cpu"));
+    // Alone on node 1, with node 2 idle: as well off here as there.
+    let said = stays();
+    assert!(said.starts_with(&format!("{pid} stays on node 1: it runs best where it is")), "{said}");
+    assert_eq!(record(&c, pid)["migrations"], 0);
+
+    // With two more on node 1, node 2 is better.
+    let others: Vec<(Child, Lines)> = (0..2).map(|_| start(&c, &u, &["-L"], &SPIN)).collect();
+    wait_until("node 1 loaded by three jobs", PATIENCE, || {
+        let out = c.command(1, "mosctl").unwrap().args(["status", "--json"]).output().unwrap();
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        status["nodes"].as_array().is_some_and(|n| n.iter().any(|n| n["id"] == 1 && n["load"].as_f64().unwrap_or(0.0) > 2.5))
+    });
+    let said = stays();
+    assert!(said.starts_with(&format!("moved {pid} from node 1 to node 2 in ")), "{said}");
+    let mut all = vec![(first, first_lines)];
+    all.extend(others);
+    all_whole(all, &SPIN);
+}
