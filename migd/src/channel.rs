@@ -31,13 +31,14 @@
 //! unauthenticated client sends after them are never read. Magic and version are the first 6 bytes of
 //! every hello in every version: an end reads them first and refuses another version with
 //! [`ChannelError::VersionMismatch`] before reading the rest. A server that refuses the client's version
-//! still sends its own hello (without proof), so the client can name both versions too. The whole
-//! handshake must finish within [`HANDSHAKE_TIMEOUT`].
+//! still sends its own hello (without proof), so the client can name both versions too. Over TCP
+//! ([`blocking::Channel::client_tcp`], [`blocking::Channel::server_tcp`]) the whole handshake must finish
+//! within [`HANDSHAKE_TIMEOUT`].
 //!
 //! Session keys, all `HMAC-SHA256(cluster key, label | 0x00 | T)`, fresh per connection because both
 //! nonces are: `"rmosix-migd c2s frames"` and `"rmosix-migd s2c frames"` are the two directions' AES-256-GCM
-//! frame keys, and `"rmosix-migd bulk"` is the [`Channel::bulk_key`] for raw image streams. The version is
-//! in `T`, so keys of one protocol version are never those of another.
+//! frame keys, and `"rmosix-migd bulk"` is the [`blocking::Channel::bulk_key`] for raw image streams. The
+//! version is in `T`, so keys of one protocol version are never those of another.
 //!
 //! # Frames
 //!
@@ -61,20 +62,19 @@
 //!
 //! A job's images (gigabytes) go over the same connection unframed, in records of a megabyte instead of
 //! frames of at most [`MAX_PAYLOAD`]. The channel reads and writes the stream without buffering ahead, so
-//! between frames the caller can take the stream with [`Channel::raw_mut`], move a self-delimiting stream
-//! or exactly the number of bytes announced in a preceding frame, and then go on framing with the same
-//! sequence numbers. Raw bytes are not sealed by the channel: the caller seals them under
-//! [`Channel::bulk_key`], as `rmosix_checkpoint::transfer::pack` and `unpack` do (AES-256-GCM records under
-//! a key derived from it and a salt of the stream's own).
+//! between frames the caller can take the stream with [`blocking::Channel::raw_mut`], move a
+//! self-delimiting stream or exactly the number of bytes announced in a preceding frame, and then go on
+//! framing with the same sequence numbers. Raw bytes are not sealed by the channel: the caller seals them
+//! under [`blocking::Channel::bulk_key`], as `rmosix_checkpoint::transfer::pack` and `unpack` do
+//! (AES-256-GCM records under a key derived from it and a salt of the stream's own).
 //!
-//! # Blocking
+//! # Driving it
 //!
-//! [`blocking::Channel`] is the same channel over `std::io` streams, for migd's threads that drive CRIU and
-//! move images with blocking I/O. It shares the handshake state machine (`Handshake`) and the frame
-//! building and checking (`Outbound`, `Inbound`) with [`Channel`], so the two cannot drift apart; an
-//! async end and a blocking end interoperate.
+//! [`blocking::Channel`] runs the channel over blocking `std::io` streams, on migd's threads (CRIU and the
+//! moving of images block). The handshake (`Handshake`) and the building and checking of frames
+//! (`Outbound`, `Inbound`) are state machines without I/O: every decision and every error is theirs, and
+//! the driver only does the reads and writes they ask for.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
@@ -87,7 +87,6 @@ use rmosix_common::key::ClusterKey;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::Sha256;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadHalf, WriteHalf};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -209,11 +208,11 @@ pub enum ChannelError {
         /// Which part of the frame was being read.
         step: &'static str,
     },
-    /// An earlier error (or a send cancelled half-way) left the stream out of step; the channel must be
+    /// An earlier error (or a send interrupted half-way) left the stream out of step; the channel must be
     /// dropped.
     #[error("channel is unusable after an earlier error or an interrupted send")]
     Poisoned,
-    /// [`Channel::raw_mut`] was called while a cancelled [`Channel::recv`] had read part of a frame.
+    /// [`blocking::Channel::raw_mut`] was called while a receive that timed out had read part of a frame.
     #[error("raw access refused: part of a frame has been received")]
     PartialFrame,
     /// A message could not be serialized to JSON. Nothing was sent.
@@ -365,9 +364,8 @@ enum Stage {
     Over,
 }
 
-/// One end's handshake as a state machine without I/O, so the async and the blocking channel speak exactly
-/// the same protocol from the same code. Its driver does each [`HandshakeIo`] it asks for and hands the
-/// result to the next [`Handshake::advance`]; every decision and every error is made here.
+/// One end's handshake as a state machine without I/O. Its driver does each [`HandshakeIo`] it asks for and
+/// hands the result to the next [`Handshake::advance`]; every decision and every error is made here.
 struct Handshake<'k> {
     key: &'k ClusterKey,
     role: Role,
@@ -496,29 +494,6 @@ fn check_hello_prefix(prefix: &[u8], version: u16) -> Result<(), ChannelError> {
     Ok(())
 }
 
-/// Runs a handshake over an async stream.
-async fn handshake_async<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    mut handshake: Handshake<'_>,
-) -> Result<Session, ChannelError> {
-    let mut done = Ok(Vec::new());
-    loop {
-        done = match handshake.advance(done)? {
-            HandshakeIo::Write(bytes) => write_flushed(stream, &bytes).await.map(|()| Vec::new()),
-            HandshakeIo::Read(len) => {
-                let mut buf = vec![0; len];
-                stream.read_exact(&mut buf).await.map(|_| buf)
-            }
-            HandshakeIo::Done(session) => return Ok(*session),
-        };
-    }
-}
-
-async fn write_flushed<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8]) -> io::Result<()> {
-    stream.write_all(bytes).await?;
-    stream.flush().await
-}
-
 /// One direction's AES-256-GCM key. Boxed: the expanded key schedule is large and moves with the channel.
 struct FrameKey(Box<LessSafeKey>);
 
@@ -568,14 +543,14 @@ fn shutdown_failed(source: io::Error) -> ChannelError {
 }
 
 /// The sending side of a channel: its direction's key and sequence number. Builds frames and keeps the
-/// books; the async and blocking senders only write what [`Outbound::start`] returns.
+/// books; the sender only writes what [`Outbound::start`] returns.
 struct Outbound {
     /// This direction's key.
     key: FrameKey,
     /// Number of the next frame to send.
     seq: u64,
-    /// Set while a frame is being written: still set on entry means a send was cancelled half-way and
-    /// the peer has a partial frame.
+    /// Set while a frame is being written: still set on entry means an earlier send stopped half-way (its
+    /// write failed or panicked) and the peer may have a partial frame.
     in_flight: bool,
     /// Shared with the receiving side: a failure on either makes the whole channel unusable.
     poisoned: Arc<AtomicBool>,
@@ -619,22 +594,11 @@ impl Outbound {
             }
         }
     }
-
-    async fn send<W: AsyncWrite + Unpin>(
-        &mut self,
-        stream: &mut W,
-        kind: u8,
-        payload: &[u8],
-    ) -> Result<(), ChannelError> {
-        let frame = self.start(kind, payload)?;
-        let written = write_flushed(stream, &frame).await;
-        self.finish(written)
-    }
 }
 
 /// The receiving side of a channel. Keeps a partly received frame across calls, so a receive can stop
-/// between reads (a cancelled future, a socket read timeout) and go on later. Says where the next read
-/// goes and checks what arrived; the async and blocking receivers only do the reads.
+/// between reads (a socket read timeout) and go on later. Says where the next read goes and checks what
+/// arrived; the receiver only does the reads.
 struct Inbound {
     /// This direction's key.
     key: FrameKey,
@@ -736,305 +700,24 @@ impl Inbound {
         let [l0, l1, l2, l3, _kind] = self.header;
         u32::from_le_bytes([l0, l1, l2, l3])
     }
-
-    async fn recv<R: AsyncRead + Unpin>(&mut self, stream: &mut R) -> Result<(u8, Vec<u8>), ChannelError> {
-        self.check_usable()?;
-        let received = async {
-            loop {
-                // A plain `read` is cancel-safe; the state it fills survives a cancelled future.
-                let doing = self.doing();
-                let n =
-                    stream.read(self.buffer()).await.map_err(|source| ChannelError::Io { doing, source })?;
-                if let Some(frame) = self.filled(n)? {
-                    return Ok(frame);
-                }
-            }
-        };
-        let received = received.await;
-        self.settle(received)
-    }
-}
-
-/// An authenticated connection to another migd, made by [`Channel::client`] or [`Channel::server`].
-///
-/// Sending and receiving work on the stream directly, without buffering ahead. [`Channel::recv`] is
-/// cancel-safe (a partly received frame is kept); [`Channel::send`] is not: cancelling it half-way
-/// poisons the channel. For TCP, set `TCP_NODELAY` on the stream: every frame is one write.
-pub struct Channel<S> {
-    /// The connection.
-    stream: S,
-    /// Frames to the peer.
-    outbound: Outbound,
-    /// Frames from the peer.
-    inbound: Inbound,
-    /// The node id the peer proved its hello with.
-    peer_node: u32,
-    /// Key for sealing raw bulk bytes on this connection.
-    bulk_key: [u8; BULK_KEY_LEN],
-}
-
-impl<S> fmt::Debug for Channel<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Channel")
-            .field("peer_node", &self.peer_node)
-            .field("sent", &self.outbound.seq)
-            .field("received", &self.inbound.seq)
-            .field("poisoned", &self.outbound.poisoned.load(Ordering::Relaxed))
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
-    /// Runs the handshake as the end that connected, as node `our_node`. On success the server has proved
-    /// it holds `key`; the caller checks [`Channel::peer_node`] against the cluster map and the address it
-    /// connected to.
-    pub async fn client(stream: S, key: &ClusterKey, our_node: u32) -> Result<Self, ChannelError> {
-        Self::handshake(stream, key, our_node, Role::Client, VERSION, HANDSHAKE_TIMEOUT).await
-    }
-
-    /// Runs the handshake as the end that accepted, as node `our_node`. Returns only once the client has
-    /// proved it holds `key`; until then nothing the client sent beyond its hello and proof was read. The
-    /// caller checks [`Channel::peer_node`] against the cluster map and the source address.
-    pub async fn server(stream: S, key: &ClusterKey, our_node: u32) -> Result<Self, ChannelError> {
-        Self::handshake(stream, key, our_node, Role::Server, VERSION, HANDSHAKE_TIMEOUT).await
-    }
-
-    async fn handshake(
-        mut stream: S,
-        key: &ClusterKey,
-        our_node: u32,
-        role: Role,
-        version: u16,
-        limit: Duration,
-    ) -> Result<Self, ChannelError> {
-        let steps = handshake_async(&mut stream, Handshake::new(key, our_node, role, version));
-        let session = tokio::time::timeout(limit, steps)
-            .await
-            .map_err(|_| ChannelError::HandshakeTimeout { after: limit })??;
-        Ok(Self::established(stream, session))
-    }
-
-    /// Sends one frame. A payload over [`MAX_PAYLOAD`] is refused with nothing sent.
-    pub async fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), ChannelError> {
-        self.outbound.send(&mut self.stream, kind, payload).await
-    }
-
-    /// Receives the next frame: its kind and payload. Cancel-safe.
-    pub async fn recv(&mut self) -> Result<(u8, Vec<u8>), ChannelError> {
-        self.inbound.recv(&mut self.stream).await
-    }
-
-    /// Sends `msg` as JSON in a frame of `kind`.
-    pub async fn send_json<T: Serialize + ?Sized>(&mut self, kind: u8, msg: &T) -> Result<(), ChannelError> {
-        self.send(kind, &encode_json(kind, msg)?).await
-    }
-
-    /// Receives the next frame and decodes its payload as JSON. A payload that does not decode gives
-    /// [`ChannelError::Decode`] and leaves the channel usable.
-    pub async fn recv_json<T: DeserializeOwned>(&mut self) -> Result<(u8, T), ChannelError> {
-        decode_json(self.recv().await?)
-    }
-
-    /// Closes our sending direction (TCP FIN); the peer's next [`Channel::recv`] gives
-    /// [`ChannelError::Closed`].
-    pub async fn shutdown(&mut self) -> Result<(), ChannelError> {
-        self.stream.shutdown().await.map_err(shutdown_failed)
-    }
-
-    /// The stream, for raw bulk bytes between frames.
-    ///
-    /// The caller must read or write exactly the bytes both ends agreed on: a self-delimiting stream that
-    /// reads nothing past its end (`rmosix_checkpoint::transfer`), or a length announced in a preceding
-    /// frame (`read_exact`, `write_all`, `AsyncReadExt::take(len)`; never an unbounded `read_to_end`). The
-    /// channel does not seal these bytes: the caller encrypts and authenticates them under
-    /// [`Channel::bulk_key`]. Framing then goes on with the same sequence numbers. If raw I/O fails, drop
-    /// the channel.
-    ///
-    /// Refused on a poisoned channel, and while a cancelled [`Channel::recv`] holds part of a frame.
-    pub fn raw_mut(&mut self) -> Result<&mut S, ChannelError> {
-        self.raw()
-    }
-
-    /// Splits into a receiving and a sending half that can be used from different tasks, with
-    /// `tokio::io::split`. For a `TcpStream`, `into_split_with(TcpStream::into_split)` avoids its lock.
-    pub fn into_split(self) -> (ChannelReader<ReadHalf<S>>, ChannelWriter<WriteHalf<S>>) {
-        self.into_split_with(tokio::io::split)
-    }
-}
-
-impl<S> Channel<S> {
-    /// The channel over `stream` after a handshake on it.
-    fn established(stream: S, session: Session) -> Self {
-        let poisoned = Arc::new(AtomicBool::new(false));
-        Self {
-            stream,
-            outbound: Outbound {
-                key: session.send,
-                seq: 0,
-                in_flight: false,
-                poisoned: Arc::clone(&poisoned),
-            },
-            inbound: Inbound {
-                key: session.recv,
-                seq: 0,
-                header: [0; FRAME_HEADER_LEN],
-                header_filled: 0,
-                body: Vec::new(),
-                body_filled: 0,
-                poisoned,
-            },
-            peer_node: session.peer_node,
-            bulk_key: session.bulk_key,
-        }
-    }
-
-    /// The stream for raw bulk bytes, with the rules of [`Channel::raw_mut`].
-    fn raw(&mut self) -> Result<&mut S, ChannelError> {
-        if self.outbound.in_flight || self.outbound.poisoned.load(Ordering::Acquire) {
-            return Err(ChannelError::Poisoned);
-        }
-        if self.inbound.mid_frame() {
-            return Err(ChannelError::PartialFrame);
-        }
-        Ok(&mut self.stream)
-    }
-
-    /// The node id the peer gave in its authenticated hello.
-    pub fn peer_node(&self) -> u32 {
-        self.peer_node
-    }
-
-    /// Key for sealing raw bulk bytes on this connection: the `key` of `rmosix_checkpoint::transfer::pack`
-    /// and `unpack`, which derive a key per stream from it. Both ends have the same one; every connection
-    /// has another. Derived from the handshake like the frame keys, never sent.
-    pub fn bulk_key(&self) -> &[u8; BULK_KEY_LEN] {
-        &self.bulk_key
-    }
-
-    /// Splits into a receiving and a sending half with `split`, e.g. `TcpStream::into_split`. Each half
-    /// keeps its direction's key and sequence number; an error on either poisons both.
-    pub fn into_split_with<R, W>(
-        self,
-        split: impl FnOnce(S) -> (R, W),
-    ) -> (ChannelReader<R>, ChannelWriter<W>) {
-        let Ok(halves) = self.try_split(|stream| Ok::<_, Infallible>(split(stream)));
-        halves
-    }
-
-    /// [`Channel::into_split_with`] with a `split` that can fail; the channel is dropped if it does.
-    fn try_split<R, W, E>(
-        self,
-        split: impl FnOnce(S) -> Result<(R, W), E>,
-    ) -> Result<(ChannelReader<R>, ChannelWriter<W>), E> {
-        let (read, write) = split(self.stream)?;
-        Ok((
-            ChannelReader { stream: read, inbound: self.inbound, peer_node: self.peer_node },
-            ChannelWriter { stream: write, outbound: self.outbound, peer_node: self.peer_node },
-        ))
-    }
-}
-
-/// The receiving half of a [`Channel`].
-pub struct ChannelReader<R> {
-    /// The connection's reading half.
-    stream: R,
-    /// Frames from the peer.
-    inbound: Inbound,
-    /// The authenticated peer, kept for logging.
-    peer_node: u32,
-}
-
-impl<R> fmt::Debug for ChannelReader<R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ChannelReader")
-            .field("peer_node", &self.peer_node)
-            .field("received", &self.inbound.seq)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<R: AsyncRead + Unpin> ChannelReader<R> {
-    /// Receives the next frame: its kind and payload. Cancel-safe.
-    pub async fn recv(&mut self) -> Result<(u8, Vec<u8>), ChannelError> {
-        self.inbound.recv(&mut self.stream).await
-    }
-
-    /// Receives the next frame and decodes its payload as JSON.
-    pub async fn recv_json<T: DeserializeOwned>(&mut self) -> Result<(u8, T), ChannelError> {
-        decode_json(self.recv().await?)
-    }
-}
-
-impl<R> ChannelReader<R> {
-    /// The node id the peer authenticated as.
-    pub fn peer_node(&self) -> u32 {
-        self.peer_node
-    }
-}
-
-/// The sending half of a [`Channel`].
-pub struct ChannelWriter<W> {
-    /// The connection's writing half.
-    stream: W,
-    /// Frames to the peer.
-    outbound: Outbound,
-    /// The authenticated peer, kept for logging.
-    peer_node: u32,
-}
-
-impl<W> fmt::Debug for ChannelWriter<W> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ChannelWriter")
-            .field("peer_node", &self.peer_node)
-            .field("sent", &self.outbound.seq)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<W: AsyncWrite + Unpin> ChannelWriter<W> {
-    /// Sends one frame; see [`Channel::send`]. Not cancel-safe.
-    pub async fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), ChannelError> {
-        self.outbound.send(&mut self.stream, kind, payload).await
-    }
-
-    /// Sends `msg` as JSON in a frame of `kind`.
-    pub async fn send_json<T: Serialize + ?Sized>(&mut self, kind: u8, msg: &T) -> Result<(), ChannelError> {
-        self.send(kind, &encode_json(kind, msg)?).await
-    }
-
-    /// Closes our sending direction; the peer's next receive gives [`ChannelError::Closed`].
-    pub async fn shutdown(&mut self) -> Result<(), ChannelError> {
-        self.stream.shutdown().await.map_err(shutdown_failed)
-    }
-}
-
-impl<W> ChannelWriter<W> {
-    /// The node id the peer authenticated as.
-    pub fn peer_node(&self) -> u32 {
-        self.peer_node
-    }
 }
 
 pub mod blocking {
-    //! The same channel over blocking `std::io` streams, for migd code on plain threads (CRIU and the
-    //! image transfer block).
+    //! The channel over blocking `std::io` streams, for migd's plain threads (CRIU and the image transfer
+    //! block).
     //!
-    //! Same wire format, same guarantees and the same [`ChannelError`]s as the async
-    //! [`Channel`](super::Channel): the handshake state machine and the frame building and checking are the
-    //! very same code; only the reads and writes differ. An async end and a blocking end talk to each other.
-    //!
-    //! Where the async channel has cancellation, the blocking one has socket timeouts.
-    //! [`Channel::client_tcp`] and [`Channel::server_tcp`] bound the whole handshake by
-    //! [`HANDSHAKE_TIMEOUT`]; the generic [`Channel::client`] and [`Channel::server`] have no limit of their
-    //! own. A read timeout the caller sets on the socket makes a receive return an error for which
-    //! [`ChannelError::is_timeout`] holds, and leaves the channel usable with any partly received frame
-    //! kept, like a cancelled async receive; a send that times out half-way poisons the channel, like a
-    //! cancelled async send.
+    //! Timeouts are the socket's. [`Channel::client_tcp`] and [`Channel::server_tcp`] bound the whole
+    //! handshake by [`HANDSHAKE_TIMEOUT`]; the generic [`Channel::client`] and [`Channel::server`] have no
+    //! limit of their own. A read timeout the caller sets on the socket makes a receive return an error for
+    //! which [`ChannelError::is_timeout`] holds, and leaves the channel usable with any partly received frame
+    //! kept for the next receive; a send that times out half-way poisons the channel.
 
     use std::fmt;
     use std::io::{self, Read, Write};
     use std::net::{Shutdown, TcpStream};
     use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
 
     use rmosix_common::key::ClusterKey;
@@ -1042,8 +725,8 @@ pub mod blocking {
     use serde::de::DeserializeOwned;
 
     use super::{
-        BULK_KEY_LEN, ChannelError, HANDSHAKE_TIMEOUT, Handshake, HandshakeIo, Inbound, Outbound, Role,
-        Session, VERSION, decode_json, encode_json, shutdown_failed,
+        BULK_KEY_LEN, ChannelError, FRAME_HEADER_LEN, HANDSHAKE_TIMEOUT, Handshake, HandshakeIo, Inbound,
+        Outbound, Role, Session, VERSION, decode_json, encode_json, shutdown_failed,
     };
 
     /// A socket that can close its sending direction and be split by cloning its handle, as
@@ -1075,30 +758,49 @@ pub mod blocking {
         }
     }
 
-    /// An authenticated connection to another migd over a blocking stream; see the [module](self) docs and
-    /// the async [`Channel`](super::Channel), whose rules it follows.
+    /// An authenticated connection to another migd, made by [`Channel::client`] or [`Channel::server`]
+    /// (over TCP, [`Channel::client_tcp`] or [`Channel::server_tcp`]); see the [module](self) docs and those
+    /// of the [channel](super).
+    ///
+    /// Sending and receiving work on the stream directly, without buffering ahead. For TCP, set
+    /// `TCP_NODELAY` on the stream: every frame is one write.
     pub struct Channel<S> {
-        /// The channel's state; only its async methods are not used.
-        inner: super::Channel<S>,
+        /// The connection.
+        stream: S,
+        /// Frames to the peer.
+        outbound: Outbound,
+        /// Frames from the peer.
+        inbound: Inbound,
+        /// The node id the peer proved its hello with.
+        peer_node: u32,
+        /// Key for sealing raw bulk bytes on this connection.
+        bulk_key: [u8; BULK_KEY_LEN],
     }
 
     impl<S> fmt::Debug for Channel<S> {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            self.inner.fmt(f)
+            f.debug_struct("Channel")
+                .field("peer_node", &self.peer_node)
+                .field("sent", &self.outbound.seq)
+                .field("received", &self.inbound.seq)
+                .field("poisoned", &self.outbound.poisoned.load(Ordering::Relaxed))
+                .finish_non_exhaustive()
         }
     }
 
     impl<S: Read + Write> Channel<S> {
-        /// Runs the handshake as the end that connected, as node `our_node`; see
-        /// [`Channel::client`](super::Channel::client). No time limit: bound it with socket timeouts, or
-        /// use [`Channel::client_tcp`].
+        /// Runs the handshake as the end that connected, as node `our_node`. On success the server has
+        /// proved it holds `key`; the caller checks [`Channel::peer_node`] against the cluster map and the
+        /// address it connected to. No time limit: bound it with socket timeouts, or use
+        /// [`Channel::client_tcp`].
         pub fn client(stream: S, key: &ClusterKey, our_node: u32) -> Result<Self, ChannelError> {
             Self::handshake(stream, key, our_node, Role::Client, VERSION)
         }
 
-        /// Runs the handshake as the end that accepted, as node `our_node`; see
-        /// [`Channel::server`](super::Channel::server). No time limit: bound it with socket timeouts, or
-        /// use [`Channel::server_tcp`].
+        /// Runs the handshake as the end that accepted, as node `our_node`. Returns only once the client has
+        /// proved it holds `key`; until then nothing the client sent beyond its hello and proof was read.
+        /// The caller checks [`Channel::peer_node`] against the cluster map and the source address. No time
+        /// limit: bound it with socket timeouts, or use [`Channel::server_tcp`].
         pub fn server(stream: S, key: &ClusterKey, our_node: u32) -> Result<Self, ChannelError> {
             Self::handshake(stream, key, our_node, Role::Server, VERSION)
         }
@@ -1111,18 +813,19 @@ pub mod blocking {
             version: u16,
         ) -> Result<Self, ChannelError> {
             let session = handshake(&mut stream, Handshake::new(key, our_node, role, version))?;
-            Ok(Self { inner: super::Channel::established(stream, session) })
+            Ok(Self::established(stream, session))
         }
 
         /// Sends one frame. A payload over [`MAX_PAYLOAD`](super::MAX_PAYLOAD) is refused with nothing
-        /// sent.
+        /// sent. A send that fails or times out half-way poisons the channel.
         pub fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), ChannelError> {
-            send(&mut self.inner.outbound, &mut self.inner.stream, kind, payload)
+            send(&mut self.outbound, &mut self.stream, kind, payload)
         }
 
-        /// Receives the next frame: its kind and payload.
+        /// Receives the next frame: its kind and payload. After a read timeout it can be called again: a
+        /// partly received frame is kept.
         pub fn recv(&mut self) -> Result<(u8, Vec<u8>), ChannelError> {
-            recv(&mut self.inner.inbound, &mut self.inner.stream)
+            recv(&mut self.inbound, &mut self.stream)
         }
 
         /// Sends `msg` as JSON in a frame of `kind`.
@@ -1134,15 +837,6 @@ pub mod blocking {
         /// [`ChannelError::Decode`] and leaves the channel usable.
         pub fn recv_json<T: DeserializeOwned>(&mut self) -> Result<(u8, T), ChannelError> {
             decode_json(self.recv()?)
-        }
-
-        /// The stream, for raw bulk bytes between frames, with the rules of
-        /// [`Channel::raw_mut`](super::Channel::raw_mut): exactly the agreed bytes (a self-delimiting stream
-        /// such as `transfer::pack`'s, or an announced length with `read_exact`, `write_all`,
-        /// `Read::take(len)`), sealed by the caller under [`Channel::bulk_key`]. Refused on a poisoned channel,
-        /// and while a receive that timed out holds part of a frame.
-        pub fn raw_mut(&mut self) -> Result<&mut S, ChannelError> {
-            self.inner.raw()
         }
     }
 
@@ -1178,15 +872,15 @@ pub mod blocking {
                 })?;
             stream.set_read_timeout(read_timeout).map_err(io_error("restoring the socket timeouts"))?;
             stream.set_write_timeout(write_timeout).map_err(io_error("restoring the socket timeouts"))?;
-            Ok(Self { inner: super::Channel::established(stream, session) })
+            Ok(Self::established(stream, session))
         }
     }
 
     impl<S: Socket> Channel<S> {
-        /// Closes our sending direction; the peer's next receive gives [`ChannelError::Closed`], and ours
-        /// can go on.
+        /// Closes our sending direction (for TCP, a FIN); the peer's next receive gives
+        /// [`ChannelError::Closed`], and ours can go on.
         pub fn shutdown(&mut self) -> Result<(), ChannelError> {
-            self.inner.stream.shutdown_write().map_err(shutdown_failed)
+            self.stream.shutdown_write().map_err(shutdown_failed)
         }
 
         /// Splits into halves over two handles to the socket, for a reading and a writing thread. If the
@@ -1197,22 +891,69 @@ pub mod blocking {
     }
 
     impl<S> Channel<S> {
-        /// The node id the peer gave in its authenticated hello.
-        pub fn peer_node(&self) -> u32 {
-            self.inner.peer_node()
+        /// The channel over `stream` after a handshake on it.
+        fn established(stream: S, session: Session) -> Self {
+            let poisoned = Arc::new(AtomicBool::new(false));
+            Self {
+                stream,
+                outbound: Outbound {
+                    key: session.send,
+                    seq: 0,
+                    in_flight: false,
+                    poisoned: Arc::clone(&poisoned),
+                },
+                inbound: Inbound {
+                    key: session.recv,
+                    seq: 0,
+                    header: [0; FRAME_HEADER_LEN],
+                    header_filled: 0,
+                    body: Vec::new(),
+                    body_filled: 0,
+                    poisoned,
+                },
+                peer_node: session.peer_node,
+                bulk_key: session.bulk_key,
+            }
         }
 
-        /// Key for sealing raw bulk bytes on this connection; see
-        /// [`Channel::bulk_key`](super::Channel::bulk_key).
+        /// The stream, for raw bulk bytes between frames.
+        ///
+        /// The caller must read or write exactly the bytes both ends agreed on: a self-delimiting stream that
+        /// reads nothing past its end (`rmosix_checkpoint::transfer`), or a length announced in a preceding
+        /// frame (`read_exact`, `write_all`, `Read::take(len)`; never an unbounded `read_to_end`). The
+        /// channel does not seal these bytes: the caller encrypts and authenticates them under
+        /// [`Channel::bulk_key`]. Framing then goes on with the same sequence numbers. If raw I/O fails, drop
+        /// the channel.
+        ///
+        /// Refused on a poisoned channel, and while a receive that timed out holds part of a frame.
+        pub fn raw_mut(&mut self) -> Result<&mut S, ChannelError> {
+            if self.outbound.in_flight || self.outbound.poisoned.load(Ordering::Acquire) {
+                return Err(ChannelError::Poisoned);
+            }
+            if self.inbound.mid_frame() {
+                return Err(ChannelError::PartialFrame);
+            }
+            Ok(&mut self.stream)
+        }
+
+        /// The node id the peer gave in its authenticated hello.
+        pub fn peer_node(&self) -> u32 {
+            self.peer_node
+        }
+
+        /// Key for sealing raw bulk bytes on this connection: the `key` of `rmosix_checkpoint::transfer::pack`
+        /// and `unpack`, which derive a key per stream from it. Both ends have the same one; every connection
+        /// has another. Derived from the handshake like the frame keys, never sent.
         pub fn bulk_key(&self) -> &[u8; BULK_KEY_LEN] {
-            self.inner.bulk_key()
+            &self.bulk_key
         }
 
         /// Splits into a receiving and a sending half with `split`. Each half keeps its direction's key and
         /// sequence number; an error on either poisons both.
         pub fn into_split_with<R, W>(self, split: impl FnOnce(S) -> (R, W)) -> (Reader<R>, Writer<W>) {
-            let (reader, writer) = self.inner.into_split_with(split);
-            (Reader { inner: reader }, Writer { inner: writer })
+            let Self { stream, outbound, inbound, peer_node, .. } = self;
+            let (read, write) = split(stream);
+            (Reader { stream: read, inbound, peer_node }, Writer { stream: write, outbound, peer_node })
         }
 
         /// [`Channel::into_split_with`] with a `split` that can fail, e.g. `|s| Ok((s.try_clone()?, s))`
@@ -1221,30 +962,36 @@ pub mod blocking {
             self,
             split: impl FnOnce(S) -> io::Result<(R, W)>,
         ) -> Result<(Reader<R>, Writer<W>), ChannelError> {
-            let (reader, writer) = self
-                .inner
-                .try_split(split)
-                .map_err(|source| ChannelError::Io { doing: "splitting the channel", source })?;
-            Ok((Reader { inner: reader }, Writer { inner: writer }))
+            let Self { stream, outbound, inbound, peer_node, .. } = self;
+            let (read, write) =
+                split(stream).map_err(|source| ChannelError::Io { doing: "splitting the channel", source })?;
+            Ok((Reader { stream: read, inbound, peer_node }, Writer { stream: write, outbound, peer_node }))
         }
     }
 
     /// The receiving half of a [`Channel`].
     pub struct Reader<R> {
-        /// The receiving state and the stream's reading half.
-        inner: super::ChannelReader<R>,
+        /// The connection's reading half.
+        stream: R,
+        /// Frames from the peer.
+        inbound: Inbound,
+        /// The authenticated peer, kept for logging.
+        peer_node: u32,
     }
 
     impl<R> fmt::Debug for Reader<R> {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            self.inner.fmt(f)
+            f.debug_struct("Reader")
+                .field("peer_node", &self.peer_node)
+                .field("received", &self.inbound.seq)
+                .finish_non_exhaustive()
         }
     }
 
     impl<R: Read> Reader<R> {
-        /// Receives the next frame: its kind and payload.
+        /// Receives the next frame: its kind and payload; see [`Channel::recv`].
         pub fn recv(&mut self) -> Result<(u8, Vec<u8>), ChannelError> {
-            recv(&mut self.inner.inbound, &mut self.inner.stream)
+            recv(&mut self.inbound, &mut self.stream)
         }
 
         /// Receives the next frame and decodes its payload as JSON.
@@ -1256,26 +1003,33 @@ pub mod blocking {
     impl<R> Reader<R> {
         /// The node id the peer authenticated as.
         pub fn peer_node(&self) -> u32 {
-            self.inner.peer_node()
+            self.peer_node
         }
     }
 
     /// The sending half of a [`Channel`].
     pub struct Writer<W> {
-        /// The sending state and the stream's writing half.
-        inner: super::ChannelWriter<W>,
+        /// The connection's writing half.
+        stream: W,
+        /// Frames to the peer.
+        outbound: Outbound,
+        /// The authenticated peer, kept for logging.
+        peer_node: u32,
     }
 
     impl<W> fmt::Debug for Writer<W> {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            self.inner.fmt(f)
+            f.debug_struct("Writer")
+                .field("peer_node", &self.peer_node)
+                .field("sent", &self.outbound.seq)
+                .finish_non_exhaustive()
         }
     }
 
     impl<W: Write> Writer<W> {
         /// Sends one frame; see [`Channel::send`].
         pub fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), ChannelError> {
-            send(&mut self.inner.outbound, &mut self.inner.stream, kind, payload)
+            send(&mut self.outbound, &mut self.stream, kind, payload)
         }
 
         /// Sends `msg` as JSON in a frame of `kind`.
@@ -1287,14 +1041,14 @@ pub mod blocking {
     impl<W: Socket> Writer<W> {
         /// Closes our sending direction; the peer's next receive gives [`ChannelError::Closed`].
         pub fn shutdown(&mut self) -> Result<(), ChannelError> {
-            self.inner.stream.shutdown_write().map_err(shutdown_failed)
+            self.stream.shutdown_write().map_err(shutdown_failed)
         }
     }
 
     impl<W> Writer<W> {
         /// The node id the peer authenticated as.
         pub fn peer_node(&self) -> u32 {
-            self.inner.peer_node()
+            self.peer_node
         }
     }
 
@@ -1309,7 +1063,7 @@ pub mod blocking {
                 let mut info: libc::tcp_info = std::mem::zeroed();
                 let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).expect("small");
                 let got = libc::getsockopt(
-                    self.inner.stream.as_raw_fd(),
+                    self.stream.as_raw_fd(),
                     libc::IPPROTO_TCP,
                     libc::TCP_INFO,
                     (&raw mut info).cast(),
@@ -1409,14 +1163,16 @@ pub mod blocking {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::DuplexStream;
-    use tokio::net::{TcpListener, TcpStream};
+    use std::io::{Read as _, Write as _};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::unix::net::UnixStream;
+    use std::thread;
 
+    use super::blocking::{Channel, Socket as _};
     use super::*;
 
     const CLIENT_NODE: u32 = 11;
     const SERVER_NODE: u32 = 22;
-    const PIPE: usize = 1 << 16;
 
     fn key() -> ClusterKey {
         ClusterKey::from_bytes(b"0123456789abcdef0123456789abcdef")
@@ -1430,109 +1186,8 @@ mod tests {
         FRAME_HEADER_LEN + payload + TAG_LEN
     }
 
-    /// A client and a server channel over one duplex pipe.
-    async fn pair() -> (Channel<DuplexStream>, Channel<DuplexStream>) {
-        let (c, s) = tokio::io::duplex(PIPE);
-        let k = key();
-        let (client, server) =
-            tokio::join!(Channel::client(c, &k, CLIENT_NODE), Channel::server(s, &k, SERVER_NODE));
-        (client.unwrap(), server.unwrap())
-    }
-
-    /// A man in the middle: the test moves bytes between the two pipes itself.
-    struct Mitm {
-        /// Our end of the client's pipe.
-        client_side: DuplexStream,
-        /// Our end of the server's pipe.
-        server_side: DuplexStream,
-    }
-
-    impl Mitm {
-        /// Takes the next `n` bytes the client sent.
-        async fn take_from_client(&mut self, n: usize) -> Vec<u8> {
-            let mut buf = vec![0; n];
-            self.client_side.read_exact(&mut buf).await.unwrap();
-            buf
-        }
-
-        async fn send_to_server(&mut self, bytes: &[u8]) {
-            self.server_side.write_all(bytes).await.unwrap();
-        }
-
-        async fn forward_to_server(&mut self, n: usize) -> Vec<u8> {
-            let bytes = self.take_from_client(n).await;
-            self.send_to_server(&bytes).await;
-            bytes
-        }
-
-        async fn forward_to_client(&mut self, n: usize) -> Vec<u8> {
-            let mut buf = vec![0; n];
-            self.server_side.read_exact(&mut buf).await.unwrap();
-            self.client_side.write_all(&buf).await.unwrap();
-            buf
-        }
-    }
-
-    /// A client and a server channel that reach each other only through a [`Mitm`].
-    async fn mitm_pair() -> (Channel<DuplexStream>, Channel<DuplexStream>, Mitm) {
-        let (c, client_side) = tokio::io::duplex(PIPE);
-        let (s, server_side) = tokio::io::duplex(PIPE);
-        let mut mitm = Mitm { client_side, server_side };
-        let k = key();
-        let relay = async {
-            mitm.forward_to_server(HELLO_LEN).await;
-            mitm.forward_to_client(HELLO_LEN + PROOF_LEN).await;
-            mitm.forward_to_server(PROOF_LEN).await;
-        };
-        let (client, server, ()) =
-            tokio::join!(Channel::client(c, &k, CLIENT_NODE), Channel::server(s, &k, SERVER_NODE), relay);
-        (client.unwrap(), server.unwrap(), mitm)
-    }
-
     fn hello_bytes(version: u16, node: u32) -> [u8; HELLO_LEN] {
         Hello::fresh(version, node).encode()
-    }
-
-    #[tokio::test]
-    async fn handshake_and_messages_both_ways() {
-        let (mut client, mut server) = pair().await;
-        assert_eq!(client.peer_node(), SERVER_NODE);
-        assert_eq!(server.peer_node(), CLIENT_NODE);
-        assert_eq!(client.bulk_key(), server.bulk_key());
-
-        client.send(1, b"migrate job 42").await.unwrap();
-        client.send(2, b"").await.unwrap();
-        assert_eq!(server.recv().await.unwrap(), (1, b"migrate job 42".to_vec()));
-        assert_eq!(server.recv().await.unwrap(), (2, Vec::new()));
-        server.send(3, b"accepted").await.unwrap();
-        assert_eq!(client.recv().await.unwrap(), (3, b"accepted".to_vec()));
-
-        // The largest payload goes through; one byte more is refused before anything is sent.
-        let big = vec![0xa5; MAX_PAYLOAD];
-        let (sent, received) = tokio::join!(client.send(4, &big), server.recv());
-        sent.unwrap();
-        assert_eq!(received.unwrap(), (4, big));
-        let too_big = vec![0; MAX_PAYLOAD + 1];
-        assert!(matches!(
-            client.send(5, &too_big).await,
-            Err(ChannelError::FrameTooLarge { len }) if len == MAX_PAYLOAD + 1
-        ));
-        client.send(6, b"still usable").await.unwrap();
-        assert_eq!(server.recv().await.unwrap(), (6, b"still usable".to_vec()));
-
-        // Half-close: after the client's end, the server can still answer.
-        client.shutdown().await.unwrap();
-        assert!(matches!(server.recv().await, Err(ChannelError::Closed)));
-        assert!(matches!(server.recv().await, Err(ChannelError::Closed)));
-        server.send(7, b"final report").await.unwrap();
-        assert_eq!(client.recv().await.unwrap(), (7, b"final report".to_vec()));
-    }
-
-    #[tokio::test]
-    async fn bulk_keys_differ_between_connections() {
-        let (a, _) = pair().await;
-        let (b, _) = pair().await;
-        assert_ne!(a.bulk_key(), b.bulk_key());
     }
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -1542,150 +1197,247 @@ mod tests {
         argv: Vec<String>,
     }
 
-    #[tokio::test]
-    async fn json_helpers() {
-        let (mut client, mut server) = pair().await;
-        let offer = Offer { job: 7, image_bytes: 1 << 30, argv: vec!["sim".into(), "--steps=9".into()] };
-        client.send_json(9, &offer).await.unwrap();
-        let (kind, got): (u8, Offer) = server.recv_json().await.unwrap();
-        assert_eq!((kind, got), (9, offer));
-
-        // A frame that is authentic but not the expected JSON is a decode error, not a broken channel.
-        client.send(9, b"not json").await.unwrap();
-        assert!(matches!(server.recv_json::<Offer>().await, Err(ChannelError::Decode { kind: 9, .. })));
-        client.send_json(10, &[1, 2, 3]).await.unwrap();
-        assert_eq!(server.recv_json::<Vec<u32>>().await.unwrap(), (10, vec![1, 2, 3]));
+    /// A client and a server channel over a socket pair.
+    fn pair() -> (Channel<UnixStream>, Channel<UnixStream>) {
+        let (c, s) = UnixStream::pair().unwrap();
+        let k = &key();
+        thread::scope(|scope| {
+            let server = scope.spawn(move || Channel::server(s, k, SERVER_NODE));
+            let client = Channel::client(c, k, CLIENT_NODE).unwrap();
+            (client, server.join().unwrap().unwrap())
+        })
     }
 
-    #[tokio::test]
-    async fn split_halves_work_concurrently() {
-        const N: u32 = 200;
-        let (client, server) = pair().await;
-        let (mut c_rx, mut c_tx) = client.into_split();
-        let (mut s_rx, mut s_tx) = server.into_split();
-        assert_eq!(c_rx.peer_node(), SERVER_NODE);
-        assert_eq!(s_tx.peer_node(), CLIENT_NODE);
-        let tasks = [
-            tokio::spawn(async move {
-                for i in 0..N {
-                    c_tx.send_json(1, &i).await.unwrap();
-                }
-            }),
-            tokio::spawn(async move {
-                for i in 0..N {
-                    s_tx.send_json(2, &(i * 2)).await.unwrap();
-                }
-            }),
-            tokio::spawn(async move {
-                for i in 0..N {
-                    assert_eq!(s_rx.recv_json::<u32>().await.unwrap(), (1, i));
-                }
-            }),
-            tokio::spawn(async move {
-                for i in 0..N {
-                    assert_eq!(c_rx.recv_json::<u32>().await.unwrap(), (2, i * 2));
-                }
-            }),
-        ];
-        for task in tasks {
-            task.await.unwrap();
+    /// A man in the middle over two socket pairs: the test moves bytes between them itself.
+    struct Mitm {
+        /// Our end of the client's pair.
+        client_side: UnixStream,
+        /// Our end of the server's pair.
+        server_side: UnixStream,
+    }
+
+    impl Mitm {
+        /// Takes the next `n` bytes the client sent.
+        fn take_from_client(&mut self, n: usize) -> Vec<u8> {
+            let mut buf = vec![0; n];
+            self.client_side.read_exact(&mut buf).unwrap();
+            buf
+        }
+
+        /// Takes the next `n` bytes the server sent.
+        fn take_from_server(&mut self, n: usize) -> Vec<u8> {
+            let mut buf = vec![0; n];
+            self.server_side.read_exact(&mut buf).unwrap();
+            buf
+        }
+
+        fn send_to_server(&mut self, bytes: &[u8]) {
+            self.server_side.write_all(bytes).unwrap();
+        }
+
+        fn forward_to_server(&mut self, n: usize) -> Vec<u8> {
+            let bytes = self.take_from_client(n);
+            self.send_to_server(&bytes);
+            bytes
+        }
+
+        fn forward_to_client(&mut self, n: usize) {
+            let bytes = self.take_from_server(n);
+            self.client_side.write_all(&bytes).unwrap();
         }
     }
 
-    #[tokio::test]
-    async fn tcp_loopback_with_raw_bulk_transfer() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let k = key();
-        let accept = async {
-            let (stream, _) = listener.accept().await.unwrap();
-            stream.set_nodelay(true).unwrap();
-            Channel::server(stream, &k, SERVER_NODE).await.unwrap()
-        };
-        let connect = async {
-            let stream = TcpStream::connect(addr).await.unwrap();
-            stream.set_nodelay(true).unwrap();
-            Channel::client(stream, &k, CLIENT_NODE).await.unwrap()
-        };
-        let (mut server, mut client) = tokio::join!(accept, connect);
-        assert_eq!(server.peer_node(), CLIENT_NODE);
-
-        let image: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let sender = async {
-            client.send_json(1, &image.len()).await.unwrap();
-            client.raw_mut().unwrap().write_all(&image).await.unwrap();
-            let digest = blake3::keyed_hash(client.bulk_key(), &image);
-            client.send(2, digest.as_bytes()).await.unwrap();
-            client.send(3, b"restore now").await.unwrap();
-        };
-        let receiver = async {
-            let (_, len) = server.recv_json::<u64>().await.unwrap();
-            let mut got = Vec::new();
-            server.raw_mut().unwrap().take(len).read_to_end(&mut got).await.unwrap();
-            let (kind, digest) = server.recv().await.unwrap();
-            assert_eq!(kind, 2);
-            assert_eq!(blake3::keyed_hash(server.bulk_key(), &got).as_bytes()[..], digest[..]);
-            assert_eq!(server.recv().await.unwrap(), (3, b"restore now".to_vec()));
-            got
-        };
-        let ((), got) = tokio::join!(sender, receiver);
-        assert_eq!(got, image);
-
-        let (mut c_rx, mut c_tx) = client.into_split_with(TcpStream::into_split);
-        let (mut s_rx, mut s_tx) = server.into_split_with(TcpStream::into_split);
-        c_tx.send(4, b"stdin").await.unwrap();
-        s_tx.send(5, b"stdout").await.unwrap();
-        assert_eq!(s_rx.recv().await.unwrap(), (4, b"stdin".to_vec()));
-        assert_eq!(c_rx.recv().await.unwrap(), (5, b"stdout".to_vec()));
+    /// A client and a server channel that reach each other only through a [`Mitm`].
+    fn mitm_pair() -> (Channel<UnixStream>, Channel<UnixStream>, Mitm) {
+        let (c, client_side) = UnixStream::pair().unwrap();
+        let (s, server_side) = UnixStream::pair().unwrap();
+        let mut mitm = Mitm { client_side, server_side };
+        let k = &key();
+        let (client, server) = thread::scope(|scope| {
+            let client = scope.spawn(move || Channel::client(c, k, CLIENT_NODE));
+            let server = scope.spawn(move || Channel::server(s, k, SERVER_NODE));
+            mitm.forward_to_server(HELLO_LEN);
+            mitm.forward_to_client(HELLO_LEN + PROOF_LEN);
+            mitm.forward_to_server(PROOF_LEN);
+            (client.join().unwrap().unwrap(), server.join().unwrap().unwrap())
+        });
+        (client, server, mitm)
     }
 
-    #[tokio::test]
-    async fn wrong_key_on_either_side_fails() {
+    fn tcp_pair() -> (Channel<TcpStream>, Channel<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let k = &key();
+        thread::scope(|scope| {
+            let server = scope.spawn(move || {
+                let (stream, _) = listener.accept().unwrap();
+                stream.set_nodelay(true).unwrap();
+                Channel::server_tcp(stream, k, SERVER_NODE).unwrap()
+            });
+            let stream = TcpStream::connect(addr).unwrap();
+            stream.set_nodelay(true).unwrap();
+            // The caller's own timeout survives the handshake's deadline.
+            stream.set_read_timeout(Some(Duration::from_mins(1))).unwrap();
+            let client = Channel::client_tcp(stream, k, CLIENT_NODE).unwrap();
+            (client, server.join().unwrap())
+        })
+    }
+    #[test]
+    fn tcp_handshake_messages_both_ways_and_half_close() {
+        let (mut client, mut server) = tcp_pair();
+        assert_eq!(client.peer_node(), SERVER_NODE);
+        assert_eq!(server.peer_node(), CLIENT_NODE);
+        assert_eq!(client.bulk_key(), server.bulk_key());
+        let timeout = client.raw_mut().unwrap().read_timeout().unwrap();
+        assert_eq!(timeout, Some(Duration::from_mins(1)), "the handshake restores the socket's timeouts");
+        assert_eq!(server.raw_mut().unwrap().read_timeout().unwrap(), None);
+
+        client.send(1, b"migrate job 42").unwrap();
+        client.send(2, b"").unwrap();
+        assert_eq!(server.recv().unwrap(), (1, b"migrate job 42".to_vec()));
+        assert_eq!(server.recv().unwrap(), (2, Vec::new()));
+        server.send(3, b"accepted").unwrap();
+        assert_eq!(client.recv().unwrap(), (3, b"accepted".to_vec()));
+
+        let offer = Offer { job: 7, image_bytes: 1 << 30, argv: vec!["sim".into(), "--steps=9".into()] };
+        client.send_json(9, &offer).unwrap();
+        assert_eq!(server.recv_json::<Offer>().unwrap(), (9, offer));
+        client.send(9, b"not json").unwrap();
+        assert!(matches!(server.recv_json::<Offer>(), Err(ChannelError::Decode { kind: 9, .. })));
+
+        // An authentic frame that is not the expected JSON leaves the channel in step; one byte over the
+        // largest payload is refused before anything is sent.
+        let too_big = vec![0; MAX_PAYLOAD + 1];
+        assert!(matches!(
+            client.send(5, &too_big),
+            Err(ChannelError::FrameTooLarge { len }) if len == MAX_PAYLOAD + 1
+        ));
+        client.send(6, b"still usable").unwrap();
+        assert_eq!(server.recv().unwrap(), (6, b"still usable".to_vec()));
+
+        // Half-close: after the client's end, the server can still answer.
+        client.shutdown().unwrap();
+        assert!(matches!(server.recv(), Err(ChannelError::Closed)));
+        assert!(matches!(server.recv(), Err(ChannelError::Closed)));
+        server.send(7, b"final report").unwrap();
+        assert_eq!(client.recv().unwrap(), (7, b"final report".to_vec()));
+    }
+
+    #[test]
+    fn the_largest_payload_goes_through_a_socket_pair() {
+        let (mut client, mut server) = pair();
+        let big = vec![0xa5; MAX_PAYLOAD];
+        thread::scope(|scope| {
+            scope.spawn(|| client.send(4, &big).unwrap());
+            assert_eq!(server.recv().unwrap(), (4, big.clone()));
+        });
+        server.send(5, b"done").unwrap();
+        assert_eq!(client.recv().unwrap(), (5, b"done".to_vec()));
+    }
+
+    #[test]
+    fn an_image_stream_between_frames_under_the_bulk_key() {
+        use rmosix_checkpoint::transfer;
+        let source = tempfile::tempdir().unwrap();
+        let pages: Vec<u8> = (0..3_000_000u32).map(|i| u8::try_from(i % 241).unwrap()).collect();
+        std::fs::write(source.path().join("pages-1.img"), &pages).unwrap();
+        std::fs::write(source.path().join("core-1.img"), b"registers").unwrap();
+        let target = tempfile::tempdir().unwrap();
+        let (mut client, mut server) = tcp_pair();
+        thread::scope(|scope| {
+            scope.spawn(|| {
+                client.send(1, b"images follow").unwrap();
+                let key = *client.bulk_key();
+                transfer::pack(source.path(), client.raw_mut().unwrap(), &key).unwrap();
+                client.send(2, b"restore now").unwrap();
+            });
+            assert_eq!(server.recv().unwrap(), (1, b"images follow".to_vec()));
+            let key = *server.bulk_key();
+            let stats = transfer::unpack_limited(server.raw_mut().unwrap(), target.path(), &key, 4 << 20).unwrap();
+            assert_eq!(stats.files, 2);
+            // The stream read nothing past its end: framing goes on in step.
+            assert_eq!(server.recv().unwrap(), (2, b"restore now".to_vec()));
+        });
+        assert_eq!(std::fs::read(target.path().join("pages-1.img")).unwrap(), pages);
+
+        // A stream sealed under another connection's bulk key is refused, and nothing is left.
+        let (mut client, mut server) = tcp_pair();
+        let (other, _) = tcp_pair();
+        let target = tempfile::tempdir().unwrap();
+        thread::scope(|scope| {
+            scope.spawn(|| {
+                let key = *other.bulk_key();
+                let _ = transfer::pack(source.path(), client.raw_mut().unwrap(), &key);
+            });
+            let key = *server.bulk_key();
+            let refused = transfer::unpack(server.raw_mut().unwrap(), target.path(), &key).unwrap_err();
+            assert!(matches!(refused, transfer::TransferError::Forged { record: 0, .. }), "{refused}");
+            // Closing ends the sender's writes, which the socket's buffers may not hold.
+            drop(server);
+        });
+        assert_eq!(std::fs::read_dir(target.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn raw_bulk_bytes_between_frames_then_split_halves_on_threads() {
+        const N: u32 = 200;
+        let (mut client, mut server) = tcp_pair();
+        let image: Vec<u8> = (0..3_000_000u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        thread::scope(|scope| {
+            scope.spawn(|| {
+                client.send_json(1, &image.len()).unwrap();
+                client.raw_mut().unwrap().write_all(&image).unwrap();
+                let digest = blake3::keyed_hash(client.bulk_key(), &image);
+                client.send(2, digest.as_bytes()).unwrap();
+                client.send(3, b"restore now").unwrap();
+            });
+            let (_, len) = server.recv_json::<u64>().unwrap();
+            let mut got = Vec::new();
+            server.raw_mut().unwrap().take(len).read_to_end(&mut got).unwrap();
+            let (kind, digest) = server.recv().unwrap();
+            assert_eq!(kind, 2);
+            assert_eq!(blake3::keyed_hash(server.bulk_key(), &got).as_bytes()[..], digest[..]);
+            assert_eq!(server.recv().unwrap(), (3, b"restore now".to_vec()));
+            assert_eq!(got, image);
+        });
+
+        let (mut c_rx, mut c_tx) = client.into_split().unwrap();
+        let (mut s_rx, mut s_tx) =
+            server.try_into_split_with(|s| Ok((s.try_clone_handle()?, s))).unwrap();
+        assert_eq!(c_rx.peer_node(), SERVER_NODE);
+        assert_eq!(s_tx.peer_node(), CLIENT_NODE);
+        thread::scope(|scope| {
+            scope.spawn(|| (0..N).for_each(|i| c_tx.send_json(1, &i).unwrap()));
+            scope.spawn(|| (0..N).for_each(|i| s_tx.send_json(2, &(i * 2)).unwrap()));
+            scope.spawn(|| (0..N).for_each(|i| assert_eq!(s_rx.recv_json::<u32>().unwrap(), (1, i))));
+            scope.spawn(|| (0..N).for_each(|i| assert_eq!(c_rx.recv_json::<u32>().unwrap(), (2, i * 2))));
+        });
+        c_tx.shutdown().unwrap();
+        assert!(matches!(s_rx.recv(), Err(ChannelError::Closed)));
+    }
+
+    #[test]
+    fn wrong_key_or_version_fails_on_both_sides() {
         for (client_key, server_key) in [(other_key(), key()), (key(), other_key())] {
-            let (c, s) = tokio::io::duplex(PIPE);
-            let (client, server) = tokio::join!(
-                Channel::client(c, &client_key, CLIENT_NODE),
-                Channel::server(s, &server_key, SERVER_NODE)
-            );
-            // The client can't verify the server's proof, so it never sends its own.
+            let (c, s) = UnixStream::pair().unwrap();
+            let (client, server) = thread::scope(|scope| {
+                let server = scope.spawn(|| Channel::server(s, &server_key, SERVER_NODE));
+                (Channel::client(c, &client_key, CLIENT_NODE), server.join().unwrap())
+            });
             assert!(matches!(client, Err(ChannelError::AuthFailed { peer: Role::Server })));
             assert!(matches!(
                 server,
                 Err(ChannelError::HandshakeClosed { step: "reading the client proof" })
             ));
         }
-    }
 
-    #[tokio::test]
-    async fn forged_client_proof_is_refused_and_nothing_after_it_is_read() {
-        let (mut raw, s) = tokio::io::duplex(PIPE);
-        let k = key();
-        let impostor = async {
-            raw.write_all(&hello_bytes(VERSION, 66)).await.unwrap();
-            let mut reply = [0; HELLO_LEN + PROOF_LEN];
-            raw.read_exact(&mut reply).await.unwrap();
-            assert_eq!(reply[..4], MAGIC);
-            // A guessed proof, then a frame it hopes the server acts on.
-            raw.write_all(&[0x42; PROOF_LEN]).await.unwrap();
-            raw.write_all(&[4, 0, 0, 0, 1, b'k', b'i', b'l', b'l']).await.unwrap();
-            raw.write_all(&[0; TAG_LEN]).await.unwrap();
-        };
-        let ((), server) = tokio::join!(impostor, Channel::server(s, &k, SERVER_NODE));
-        assert!(matches!(server, Err(ChannelError::AuthFailed { peer: Role::Client })));
-        // The server sent nothing after its hello and proof.
-        let mut rest = Vec::new();
-        raw.read_to_end(&mut rest).await.unwrap();
-        assert!(rest.is_empty());
-    }
-
-    #[tokio::test]
-    async fn version_mismatch_names_both_versions() {
-        let (c, s) = tokio::io::duplex(PIPE);
-        let k = key();
-        let (client, server) = tokio::join!(
-            Channel::handshake(c, &k, CLIENT_NODE, Role::Client, VERSION, HANDSHAKE_TIMEOUT),
-            Channel::handshake(s, &k, SERVER_NODE, Role::Server, VERSION + 1, HANDSHAKE_TIMEOUT)
-        );
+        let (c, s) = UnixStream::pair().unwrap();
+        let k = &key();
+        let (client, server) = thread::scope(|scope| {
+            let server =
+                scope.spawn(move || Channel::handshake(s, k, SERVER_NODE, Role::Server, VERSION + 1));
+            (Channel::client(c, k, CLIENT_NODE), server.join().unwrap())
+        });
         assert!(matches!(
             client,
             Err(ChannelError::VersionMismatch { ours: VERSION, theirs }) if theirs == VERSION + 1
@@ -1699,144 +1451,252 @@ mod tests {
         assert!(message.contains(&format!("version {VERSION}")), "{message}");
     }
 
-    #[tokio::test]
-    async fn a_future_hello_of_another_length_is_refused_on_its_prefix() {
+    #[test]
+    fn flipped_bits_are_refused_and_poison_both_halves() {
+        let payload = b"signal 15";
+        let len = payload.len();
+        for offset in [0, 4, FRAME_HEADER_LEN + 3, FRAME_HEADER_LEN + len + 7] {
+            let (mut client, mut server, mut mitm) = mitm_pair();
+            client.send(8, payload).unwrap();
+            let mut frame = mitm.take_from_client(frame_len(len));
+            frame[offset] ^= 0x01;
+            mitm.send_to_server(&frame);
+            assert!(
+                matches!(server.recv(), Err(ChannelError::BadMac { seq: 0 })),
+                "flip at byte {offset} was accepted"
+            );
+            assert!(matches!(server.recv(), Err(ChannelError::Poisoned)));
+            assert!(matches!(server.send(1, b"x"), Err(ChannelError::Poisoned)));
+            assert!(matches!(server.raw_mut(), Err(ChannelError::Poisoned)));
+        }
+
+        // Split first: the reader's failure poisons the writer too.
+        let (mut client, server, mut mitm) = mitm_pair();
+        let (mut rx, mut tx) = server.into_split().unwrap();
+        client.send(8, payload).unwrap();
+        let mut frame = mitm.take_from_client(frame_len(len));
+        frame[FRAME_HEADER_LEN] ^= 0x80;
+        mitm.send_to_server(&frame);
+        assert!(matches!(rx.recv(), Err(ChannelError::BadMac { seq: 0 })));
+        assert!(matches!(tx.send(1, b"x"), Err(ChannelError::Poisoned)));
+
+        // A high length bit announces more than the limit.
+        let (mut client, mut server, mut mitm) = mitm_pair();
+        client.send(8, payload).unwrap();
+        let mut frame = mitm.take_from_client(frame_len(len));
+        frame[3] ^= 0x80;
+        mitm.send_to_server(&frame);
+        assert!(matches!(server.recv(), Err(ChannelError::FrameTooLarge { .. })));
+        assert!(matches!(server.recv(), Err(ChannelError::Poisoned)));
+
+        // A longer length waits for bytes that never come: truncation when the connection ends.
+        let (mut client, mut server, mut mitm) = mitm_pair();
+        client.send(8, payload).unwrap();
+        let mut frame = mitm.take_from_client(frame_len(len));
+        frame[0] ^= 0x04; // 9 -> 13
+        mitm.send_to_server(&frame);
+        drop(mitm);
+        assert!(matches!(server.recv(), Err(ChannelError::Truncated { .. })));
+    }
+
+    #[test]
+    fn a_read_timeout_keeps_the_partial_frame() {
+        let (mut client, mut server, mut mitm) = mitm_pair();
+        client.send(1, b"in two pieces").unwrap();
+        let frame = mitm.take_from_client(frame_len(13));
+        mitm.send_to_server(&frame[..10]);
+        server.raw_mut().unwrap().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let timed_out = server.recv().unwrap_err();
+        assert!(timed_out.is_timeout(), "{timed_out:?}");
+        assert!(matches!(server.raw_mut(), Err(ChannelError::PartialFrame)));
+        mitm.send_to_server(&frame[10..]);
+        assert_eq!(server.recv().unwrap(), (1, b"in two pieces".to_vec()));
+        assert!(server.raw_mut().is_ok());
+
+        // A timeout between frames leaves the channel usable too; truncation still poisons.
+        assert!(server.recv().unwrap_err().is_timeout());
+        client.send(2, b"next").unwrap();
+        let frame = mitm.take_from_client(frame_len(4));
+        mitm.send_to_server(&frame);
+        assert_eq!(server.recv().unwrap(), (2, b"next".to_vec()));
+        mitm.send_to_server(&frame[..3]);
+        drop(mitm);
+        assert!(matches!(server.recv(), Err(ChannelError::Truncated { step: "reading a frame header" })));
+        assert!(matches!(server.recv(), Err(ChannelError::Poisoned)));
+    }
+
+    #[test]
+    fn tcp_handshake_times_out_with_a_silent_peer() {
+        let limit = Duration::from_millis(50);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _silent = TcpStream::connect(addr).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        let server = Channel::handshake_tcp(stream, &key(), SERVER_NODE, Role::Server, limit);
+        assert!(matches!(server, Err(ChannelError::HandshakeTimeout { after }) if after == limit));
+
+        // A peer that trickles its hello a byte at a time is bounded by the whole handshake's limit.
+        let mut trickle = TcpStream::connect(addr).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        let started = std::time::Instant::now();
+        let server = thread::spawn(move || {
+            Channel::handshake_tcp(stream, &key(), SERVER_NODE, Role::Server, limit)
+        });
+        for byte in hello_bytes(VERSION, 66) {
+            if trickle.write_all(&[byte]).is_err() || started.elapsed() > 10 * limit {
+                break;
+            }
+            thread::sleep(limit / 5);
+        }
+        assert!(matches!(server.join().unwrap(), Err(ChannelError::HandshakeTimeout { .. })));
+
+        // A server that takes the client's hello and never answers.
+        let stream = TcpStream::connect(addr).unwrap();
+        let _mute = listener.accept().unwrap();
+        let client = Channel::handshake_tcp(stream, &key(), CLIENT_NODE, Role::Client, limit);
+        assert!(matches!(client, Err(ChannelError::HandshakeTimeout { after }) if after == limit));
+    }
+
+    #[test]
+    fn bulk_keys_differ_between_connections() {
+        let (a, _) = pair();
+        let (b, _) = pair();
+        assert_ne!(a.bulk_key(), b.bulk_key());
+    }
+
+    #[test]
+    fn forged_client_proof_is_refused_and_nothing_after_it_is_read() {
+        let (mut raw, s) = UnixStream::pair().unwrap();
+        // A hello, a guessed proof, then a frame the impostor hopes the server acts on; all sent before the
+        // server answers, since a guess needs no answer.
+        raw.write_all(&hello_bytes(VERSION, 66)).unwrap();
+        raw.write_all(&[0x42; PROOF_LEN]).unwrap();
+        let frame = [&[4, 0, 0, 0, 1][..], b"kill", &[0; TAG_LEN]].concat();
+        raw.write_all(&frame).unwrap();
+        raw.shutdown(std::net::Shutdown::Write).unwrap();
+        let server = Channel::server(&s, &key(), SERVER_NODE);
+        assert!(matches!(server, Err(ChannelError::AuthFailed { peer: Role::Client })));
+        // The frame after the proof was never read.
+        let mut unread = Vec::new();
+        (&s).read_to_end(&mut unread).unwrap();
+        assert_eq!(unread, frame);
+        // The server sent nothing after its hello and proof.
+        drop(s);
+        let mut reply = Vec::new();
+        raw.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply.len(), HELLO_LEN + PROOF_LEN);
+        assert_eq!(reply[..4], MAGIC);
+    }
+
+    #[test]
+    fn a_future_hello_of_another_length_is_refused_on_its_prefix() {
         // A client of the next version whose hello is longer than ours: the server stops after magic and
         // version.
-        let (mut raw, s) = tokio::io::duplex(PIPE);
+        let (mut raw, s) = UnixStream::pair().unwrap();
         let mut hello = b"RMXM".to_vec();
         hello.extend_from_slice(&(VERSION + 1).to_le_bytes());
         hello.extend_from_slice(&[0xee; 100]);
-        raw.write_all(&hello).await.unwrap();
-        let server = Channel::server(s, &key(), SERVER_NODE).await;
+        raw.write_all(&hello).unwrap();
+        raw.shutdown(std::net::Shutdown::Write).unwrap();
+        let server = Channel::server(&s, &key(), SERVER_NODE);
         assert!(matches!(
             server,
             Err(ChannelError::VersionMismatch { ours: VERSION, theirs }) if theirs == VERSION + 1
         ));
+        let mut unread = Vec::new();
+        (&s).read_to_end(&mut unread).unwrap();
+        assert_eq!(unread, [0xee; 100]);
+        drop(s);
         let mut reply = Vec::new();
-        raw.read_to_end(&mut reply).await.unwrap();
+        raw.read_to_end(&mut reply).unwrap();
         assert_eq!(reply.len(), HELLO_LEN, "a bare hello, no proof");
         assert_eq!(reply[4..6], VERSION.to_le_bytes());
     }
 
-    #[tokio::test]
-    async fn garbage_instead_of_a_hello() {
-        let (mut raw, s) = tokio::io::duplex(PIPE);
-        raw.write_all(b"GET / HTTP/1.1\r\nHost: node1\r\n\r\n").await.unwrap();
-        let server = Channel::server(s, &key(), SERVER_NODE).await;
+    #[test]
+    fn garbage_instead_of_a_hello() {
+        let (mut raw, s) = UnixStream::pair().unwrap();
+        let request = b"GET / HTTP/1.1\r\nHost: node1\r\n\r\n";
+        raw.write_all(request).unwrap();
+        raw.shutdown(std::net::Shutdown::Write).unwrap();
+        let server = Channel::server(&s, &key(), SERVER_NODE);
         assert!(matches!(server, Err(ChannelError::BadMagic { found }) if &found == b"GET "));
+        // The server read no more than the prefix every hello has.
+        let mut unread = Vec::new();
+        (&s).read_to_end(&mut unread).unwrap();
+        assert_eq!(unread, request[HELLO_PREFIX_LEN..]);
+        drop(s);
         let mut reply = Vec::new();
-        raw.read_to_end(&mut reply).await.unwrap();
+        raw.read_to_end(&mut reply).unwrap();
         assert!(reply.is_empty(), "the server said nothing to a non-migd");
 
-        let (c, mut raw) = tokio::io::duplex(PIPE);
-        raw.write_all(b"SSH-2.0-OpenSSH_9.6\r\n").await.unwrap();
-        let client = Channel::client(c, &key(), CLIENT_NODE).await;
+        let (c, mut raw) = UnixStream::pair().unwrap();
+        raw.write_all(b"SSH-2.0-OpenSSH_9.6\r\n").unwrap();
+        let client = Channel::client(c, &key(), CLIENT_NODE);
         assert!(matches!(client, Err(ChannelError::BadMagic { found }) if &found == b"SSH-"));
 
         // A peer that says a few bytes and hangs up.
-        let (mut raw, s) = tokio::io::duplex(PIPE);
-        raw.write_all(b"RMX").await.unwrap();
+        let (mut raw, s) = UnixStream::pair().unwrap();
+        raw.write_all(b"RMX").unwrap();
         drop(raw);
-        let server = Channel::server(s, &key(), SERVER_NODE).await;
+        let server = Channel::server(s, &key(), SERVER_NODE);
         assert!(matches!(server, Err(ChannelError::HandshakeClosed { step: "reading the client hello" })));
     }
 
-    #[tokio::test]
-    async fn flipped_bits_are_refused_and_poison_the_channel() {
-        let payload = b"signal 15";
-        let len = payload.len();
-        // Offsets of one bit in the length, kind, payload and tag; all must fail the MAC.
-        for offset in [0, 4, FRAME_HEADER_LEN + 3, FRAME_HEADER_LEN + len + 7] {
-            let (mut client, mut server, mut mitm) = mitm_pair().await;
-            client.send(8, payload).await.unwrap();
-            let mut frame = mitm.take_from_client(frame_len(len)).await;
-            frame[offset] ^= 0x01;
-            mitm.send_to_server(&frame).await;
-            // A shortened length (9 -> 8) leaves a byte over; the MAC fails before it matters.
-            assert!(
-                matches!(server.recv().await, Err(ChannelError::BadMac { seq: 0 })),
-                "flip at byte {offset} was accepted"
-            );
-            assert!(matches!(server.recv().await, Err(ChannelError::Poisoned)));
-            assert!(matches!(server.send(1, b"x").await, Err(ChannelError::Poisoned)));
-            assert!(matches!(server.raw_mut(), Err(ChannelError::Poisoned)));
-        }
-
-        // A high length bit announces more than the limit.
-        let (mut client, mut server, mut mitm) = mitm_pair().await;
-        client.send(8, payload).await.unwrap();
-        let mut frame = mitm.take_from_client(frame_len(len)).await;
-        frame[3] ^= 0x80;
-        mitm.send_to_server(&frame).await;
-        assert!(matches!(server.recv().await, Err(ChannelError::FrameTooLarge { .. })));
-        assert!(matches!(server.recv().await, Err(ChannelError::Poisoned)));
-
-        // A longer length waits for bytes that never come: truncation when the connection ends.
-        let (mut client, mut server, mut mitm) = mitm_pair().await;
-        client.send(8, payload).await.unwrap();
-        let mut frame = mitm.take_from_client(frame_len(len)).await;
-        frame[0] ^= 0x04; // 9 -> 13
-        mitm.send_to_server(&frame).await;
-        drop(mitm);
-        assert!(matches!(server.recv().await, Err(ChannelError::Truncated { .. })));
-    }
-
-    #[tokio::test]
-    async fn replayed_reordered_and_dropped_frames_are_refused() {
+    #[test]
+    fn replayed_reordered_and_dropped_frames_are_refused() {
         // Replay: frame 0 delivered twice.
-        let (mut client, mut server, mut mitm) = mitm_pair().await;
-        client.send(1, b"start job").await.unwrap();
-        let frame = mitm.forward_to_server(frame_len(9)).await;
-        assert_eq!(server.recv().await.unwrap(), (1, b"start job".to_vec()));
-        mitm.send_to_server(&frame).await;
-        assert!(matches!(server.recv().await, Err(ChannelError::BadMac { seq: 1 })));
+        let (mut client, mut server, mut mitm) = mitm_pair();
+        client.send(1, b"start job").unwrap();
+        let frame = mitm.forward_to_server(frame_len(9));
+        assert_eq!(server.recv().unwrap(), (1, b"start job".to_vec()));
+        mitm.send_to_server(&frame);
+        assert!(matches!(server.recv(), Err(ChannelError::BadMac { seq: 1 })));
 
         // Reorder: frame 1 before frame 0.
-        let (mut client, mut server, mut mitm) = mitm_pair().await;
-        client.send(1, b"first").await.unwrap();
-        client.send(1, b"second").await.unwrap();
-        let first = mitm.take_from_client(frame_len(5)).await;
-        let second = mitm.take_from_client(frame_len(6)).await;
-        mitm.send_to_server(&second).await;
-        mitm.send_to_server(&first).await;
-        assert!(matches!(server.recv().await, Err(ChannelError::BadMac { seq: 0 })));
+        let (mut client, mut server, mut mitm) = mitm_pair();
+        client.send(1, b"first").unwrap();
+        client.send(1, b"second").unwrap();
+        let first = mitm.take_from_client(frame_len(5));
+        let second = mitm.take_from_client(frame_len(6));
+        mitm.send_to_server(&second);
+        mitm.send_to_server(&first);
+        assert!(matches!(server.recv(), Err(ChannelError::BadMac { seq: 0 })));
 
         // Drop: frame 0 withheld.
-        let (mut client, mut server, mut mitm) = mitm_pair().await;
-        client.send(1, b"first").await.unwrap();
-        client.send(1, b"second").await.unwrap();
-        mitm.take_from_client(frame_len(5)).await;
-        mitm.forward_to_server(frame_len(6)).await;
-        assert!(matches!(server.recv().await, Err(ChannelError::BadMac { seq: 0 })));
+        let (mut client, mut server, mut mitm) = mitm_pair();
+        client.send(1, b"first").unwrap();
+        client.send(1, b"second").unwrap();
+        mitm.take_from_client(frame_len(5));
+        mitm.forward_to_server(frame_len(6));
+        assert!(matches!(server.recv(), Err(ChannelError::BadMac { seq: 0 })));
 
         // A server's frame reflected back to it (other direction, other key).
-        let (_client, mut server, mut mitm) = mitm_pair().await;
-        server.send(1, b"echo").await.unwrap();
-        let mut frame = vec![0; frame_len(4)];
-        mitm.server_side.read_exact(&mut frame).await.unwrap();
-        mitm.send_to_server(&frame).await;
-        assert!(matches!(server.recv().await, Err(ChannelError::BadMac { seq: 0 })));
+        let (_client, mut server, mut mitm) = mitm_pair();
+        server.send(1, b"echo").unwrap();
+        let frame = mitm.take_from_server(frame_len(4));
+        mitm.send_to_server(&frame);
+        assert!(matches!(server.recv(), Err(ChannelError::BadMac { seq: 0 })));
     }
 
-    #[tokio::test]
-    async fn a_frame_from_another_connection_is_refused() {
-        let (mut client_a, _server_a, mut mitm_a) = mitm_pair().await;
-        let (_client_b, mut server_b, mut mitm_b) = mitm_pair().await;
-        client_a.send(1, b"kill -9").await.unwrap();
-        let frame = mitm_a.take_from_client(frame_len(7)).await;
-        mitm_b.send_to_server(&frame).await;
-        assert!(matches!(server_b.recv().await, Err(ChannelError::BadMac { seq: 0 })));
+    #[test]
+    fn a_frame_from_another_connection_is_refused() {
+        let (mut client_a, _server_a, mut mitm_a) = mitm_pair();
+        let (_client_b, mut server_b, mut mitm_b) = mitm_pair();
+        client_a.send(1, b"kill -9").unwrap();
+        let frame = mitm_a.take_from_client(frame_len(7));
+        mitm_b.send_to_server(&frame);
+        assert!(matches!(server_b.recv(), Err(ChannelError::BadMac { seq: 0 })));
     }
 
-    #[tokio::test]
-    async fn frames_are_encrypted() {
-        let (mut client, mut server, mut mitm) = mitm_pair().await;
+    #[test]
+    fn frames_are_encrypted() {
+        let (mut client, mut server, mut mitm) = mitm_pair();
         let secret = b"stdin: my password is hunter2\n";
-        client.send(7, secret).await.unwrap();
-        client.send(7, secret).await.unwrap();
-        let first = mitm.take_from_client(frame_len(secret.len())).await;
-        let second = mitm.take_from_client(frame_len(secret.len())).await;
+        client.send(7, secret).unwrap();
+        client.send(7, secret).unwrap();
+        let first = mitm.take_from_client(frame_len(secret.len()));
+        let second = mitm.take_from_client(frame_len(secret.len()));
         // Length and kind are in clear (the receiver needs them to read the frame); the payload is not.
         let header = [&u32::try_from(secret.len()).unwrap().to_le_bytes()[..], &[7]].concat();
         assert_eq!(first[..FRAME_HEADER_LEN], header[..]);
@@ -1846,27 +1706,27 @@ mod tests {
         }
         // The same payload twice gives other bytes: each frame has its own nonce.
         assert_ne!(first[FRAME_HEADER_LEN..], second[FRAME_HEADER_LEN..]);
-        mitm.send_to_server(&first).await;
-        mitm.send_to_server(&second).await;
-        assert_eq!(server.recv().await.unwrap(), (7, secret.to_vec()));
-        assert_eq!(server.recv().await.unwrap(), (7, secret.to_vec()));
+        mitm.send_to_server(&first);
+        mitm.send_to_server(&second);
+        assert_eq!(server.recv().unwrap(), (7, secret.to_vec()));
+        assert_eq!(server.recv().unwrap(), (7, secret.to_vec()));
     }
 
-    #[tokio::test]
-    async fn every_flipped_bit_and_every_cut_of_a_frame_is_refused() {
+    #[test]
+    fn every_flipped_bit_and_every_cut_of_a_frame_is_refused() {
         let payload = b"KILL 9";
         let len = frame_len(payload.len());
         for offset in 0..len {
             for bit in 0..8 {
-                let (mut client, mut server, mut mitm) = mitm_pair().await;
-                client.send(3, payload).await.unwrap();
-                let mut frame = mitm.take_from_client(len).await;
+                let (mut client, mut server, mut mitm) = mitm_pair();
+                client.send(3, payload).unwrap();
+                let mut frame = mitm.take_from_client(len);
                 frame[offset] ^= 1 << bit;
-                mitm.send_to_server(&frame).await;
+                mitm.send_to_server(&frame);
                 drop(mitm);
                 // A longer length waits for bytes that never come; a huge one is refused at once; anything
                 // else fails authentication. Never is the frame, or any part of it, returned.
-                let received = server.recv().await;
+                let received = server.recv();
                 assert!(
                     matches!(
                         received,
@@ -1876,16 +1736,16 @@ mod tests {
                     ),
                     "bit {bit} of byte {offset}: {received:?}"
                 );
-                assert!(matches!(server.recv().await, Err(ChannelError::Poisoned)));
+                assert!(matches!(server.recv(), Err(ChannelError::Poisoned)));
             }
         }
         for cut in 0..len {
-            let (mut client, mut server, mut mitm) = mitm_pair().await;
-            client.send(3, payload).await.unwrap();
-            let frame = mitm.take_from_client(len).await;
-            mitm.send_to_server(&frame[..cut]).await;
+            let (mut client, mut server, mut mitm) = mitm_pair();
+            client.send(3, payload).unwrap();
+            let frame = mitm.take_from_client(len);
+            mitm.send_to_server(&frame[..cut]);
             drop(mitm);
-            let received = server.recv().await;
+            let received = server.recv();
             if cut == 0 {
                 assert!(matches!(received, Err(ChannelError::Closed)), "{received:?}");
             } else {
@@ -1894,458 +1754,53 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn oversized_length_is_refused_before_the_payload_arrives() {
-        let (_client, mut server, mut mitm) = mitm_pair().await;
+    #[test]
+    fn oversized_length_is_refused_before_the_payload_arrives() {
+        let (_client, mut server, mut mitm) = mitm_pair();
         // Only a header announcing 4 GiB: refused at once, without waiting for or allocating the payload.
-        mitm.send_to_server(&[0xff, 0xff, 0xff, 0xff, 1]).await;
-        let refused = server.recv().await;
+        mitm.send_to_server(&[0xff, 0xff, 0xff, 0xff, 1]);
+        let refused = server.recv();
         assert!(matches!(refused, Err(ChannelError::FrameTooLarge { len }) if len == u32::MAX as usize));
 
-        let (_client, mut server, mut mitm) = mitm_pair().await;
+        let (_client, mut server, mut mitm) = mitm_pair();
         let just_over = u32::try_from(MAX_PAYLOAD + 1).unwrap().to_le_bytes();
-        mitm.send_to_server(&[just_over[0], just_over[1], just_over[2], just_over[3], 1]).await;
-        assert!(matches!(server.recv().await, Err(ChannelError::FrameTooLarge { .. })));
+        mitm.send_to_server(&[just_over[0], just_over[1], just_over[2], just_over[3], 1]);
+        assert!(matches!(server.recv(), Err(ChannelError::FrameTooLarge { .. })));
     }
 
-    #[tokio::test]
-    async fn clean_close_and_truncation_are_told_apart() {
-        let (_client, mut server, mitm) = mitm_pair().await;
+    #[test]
+    fn clean_close_and_truncation_are_told_apart() {
+        let (_client, mut server, mitm) = mitm_pair();
         drop(mitm);
-        assert!(matches!(server.recv().await, Err(ChannelError::Closed)));
+        assert!(matches!(server.recv(), Err(ChannelError::Closed)));
 
-        let (mut client, mut server, mut mitm) = mitm_pair().await;
-        client.send(1, b"partial").await.unwrap();
-        let frame = mitm.take_from_client(frame_len(7)).await;
-        mitm.send_to_server(&frame[..2]).await;
+        let (mut client, mut server, mut mitm) = mitm_pair();
+        client.send(1, b"partial").unwrap();
+        let frame = mitm.take_from_client(frame_len(7));
+        mitm.send_to_server(&frame[..2]);
+        drop(mitm);
+        assert!(matches!(server.recv(), Err(ChannelError::Truncated { step: "reading a frame header" })));
+
+        let (mut client, mut server, mut mitm) = mitm_pair();
+        client.send(1, b"partial").unwrap();
+        let frame = mitm.take_from_client(frame_len(7));
+        mitm.send_to_server(&frame[..frame.len() - 1]);
         drop(mitm);
         assert!(matches!(
-            server.recv().await,
-            Err(ChannelError::Truncated { step: "reading a frame header" })
-        ));
-
-        let (mut client, mut server, mut mitm) = mitm_pair().await;
-        client.send(1, b"partial").await.unwrap();
-        let frame = mitm.take_from_client(frame_len(7)).await;
-        mitm.send_to_server(&frame[..frame.len() - 1]).await;
-        drop(mitm);
-        assert!(matches!(
-            server.recv().await,
+            server.recv(),
             Err(ChannelError::Truncated { step: "reading a frame payload and tag" })
         ));
     }
 
-    #[tokio::test]
-    async fn recv_is_cancel_safe() {
-        let (mut client, mut server, mut mitm) = mitm_pair().await;
-        client.send(1, b"in two pieces").await.unwrap();
-        let frame = mitm.take_from_client(frame_len(13)).await;
-        mitm.send_to_server(&frame[..10]).await;
-        let cancelled = tokio::time::timeout(Duration::from_millis(20), server.recv()).await;
-        assert!(cancelled.is_err(), "recv returned on half a frame");
-        assert!(matches!(server.raw_mut(), Err(ChannelError::PartialFrame)));
-        mitm.send_to_server(&frame[10..]).await;
-        assert_eq!(server.recv().await.unwrap(), (1, b"in two pieces".to_vec()));
-        assert!(server.raw_mut().is_ok());
-    }
-
-    #[tokio::test]
-    async fn an_interrupted_send_poisons_the_channel() {
-        // A pipe too small for the frame: the send blocks half-way and is cancelled.
-        let (c, s) = tokio::io::duplex(64);
-        let k = key();
-        let (client, _server) =
-            tokio::join!(Channel::client(c, &k, CLIENT_NODE), Channel::server(s, &k, SERVER_NODE));
-        let mut client = client.unwrap();
-        let cancelled = tokio::time::timeout(Duration::from_millis(20), client.send(1, &[0; 1000])).await;
-        assert!(cancelled.is_err());
-        assert!(matches!(client.send(1, b"x").await, Err(ChannelError::Poisoned)));
+    #[test]
+    fn a_send_that_times_out_half_way_poisons_the_channel() {
+        // The largest frame does not fit the socket's buffers and the server never reads: the write times
+        // out with part of the frame sent.
+        let (mut client, _server) = pair();
+        client.raw_mut().unwrap().set_write_timeout(Some(Duration::from_millis(20))).unwrap();
+        let timed_out = client.send(1, &vec![0; MAX_PAYLOAD]).unwrap_err();
+        assert!(timed_out.is_timeout(), "{timed_out:?}");
+        assert!(matches!(client.send(1, b"x"), Err(ChannelError::Poisoned)));
         assert!(matches!(client.raw_mut(), Err(ChannelError::Poisoned)));
-    }
-
-    #[tokio::test]
-    async fn handshake_times_out_with_a_silent_peer() {
-        // Real time, briefly: tokio's `test-util` (for `time::pause`) is not enabled in this workspace.
-        let limit = Duration::from_millis(50);
-        let (s, _silent) = tokio::io::duplex(PIPE);
-        let server = Channel::handshake(s, &key(), SERVER_NODE, Role::Server, VERSION, limit).await;
-        assert!(matches!(server, Err(ChannelError::HandshakeTimeout { after }) if after == limit));
-
-        // A server that reads the hello and never answers.
-        let (c, _mute) = tokio::io::duplex(PIPE);
-        let client = Channel::handshake(c, &key(), CLIENT_NODE, Role::Client, VERSION, limit).await;
-        assert!(matches!(client, Err(ChannelError::HandshakeTimeout { .. })));
-    }
-
-    /// The blocking channel: the same protocol over `std::io` streams, on threads.
-    mod blocking {
-        use std::io::{Read as _, Write as _};
-        use std::net::{TcpListener, TcpStream};
-        use std::os::unix::net::UnixStream;
-        use std::thread;
-
-        use super::super::blocking::{Channel, Socket as _};
-        use super::*;
-
-        /// A client and a server channel over a socket pair.
-        fn pair() -> (Channel<UnixStream>, Channel<UnixStream>) {
-            let (c, s) = UnixStream::pair().unwrap();
-            let k = &key();
-            thread::scope(|scope| {
-                let server = scope.spawn(move || Channel::server(s, k, SERVER_NODE));
-                let client = Channel::client(c, k, CLIENT_NODE).unwrap();
-                (client, server.join().unwrap().unwrap())
-            })
-        }
-
-        /// A man in the middle over two socket pairs: the test moves bytes between them itself.
-        struct Mitm {
-            /// Our end of the client's pair.
-            client_side: UnixStream,
-            /// Our end of the server's pair.
-            server_side: UnixStream,
-        }
-
-        impl Mitm {
-            fn take_from_client(&mut self, n: usize) -> Vec<u8> {
-                let mut buf = vec![0; n];
-                self.client_side.read_exact(&mut buf).unwrap();
-                buf
-            }
-
-            fn send_to_server(&mut self, bytes: &[u8]) {
-                self.server_side.write_all(bytes).unwrap();
-            }
-
-            fn forward_to_server(&mut self, n: usize) {
-                let bytes = self.take_from_client(n);
-                self.send_to_server(&bytes);
-            }
-
-            fn forward_to_client(&mut self, n: usize) {
-                let mut buf = vec![0; n];
-                self.server_side.read_exact(&mut buf).unwrap();
-                self.client_side.write_all(&buf).unwrap();
-            }
-        }
-
-        fn mitm_pair() -> (Channel<UnixStream>, Channel<UnixStream>, Mitm) {
-            let (c, client_side) = UnixStream::pair().unwrap();
-            let (s, server_side) = UnixStream::pair().unwrap();
-            let mut mitm = Mitm { client_side, server_side };
-            let k = &key();
-            let (client, server) = thread::scope(|scope| {
-                let client = scope.spawn(move || Channel::client(c, k, CLIENT_NODE));
-                let server = scope.spawn(move || Channel::server(s, k, SERVER_NODE));
-                mitm.forward_to_server(HELLO_LEN);
-                mitm.forward_to_client(HELLO_LEN + PROOF_LEN);
-                mitm.forward_to_server(PROOF_LEN);
-                (client.join().unwrap().unwrap(), server.join().unwrap().unwrap())
-            });
-            (client, server, mitm)
-        }
-
-        fn tcp_pair() -> (Channel<TcpStream>, Channel<TcpStream>) {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
-            let k = &key();
-            thread::scope(|scope| {
-                let server = scope.spawn(move || {
-                    let (stream, _) = listener.accept().unwrap();
-                    stream.set_nodelay(true).unwrap();
-                    Channel::server_tcp(stream, k, SERVER_NODE).unwrap()
-                });
-                let stream = TcpStream::connect(addr).unwrap();
-                stream.set_nodelay(true).unwrap();
-                // The caller's own timeout survives the handshake's deadline.
-                stream.set_read_timeout(Some(Duration::from_mins(1))).unwrap();
-                let client = Channel::client_tcp(stream, k, CLIENT_NODE).unwrap();
-                (client, server.join().unwrap())
-            })
-        }
-
-        #[test]
-        fn tcp_handshake_messages_both_ways_and_half_close() {
-            let (mut client, mut server) = tcp_pair();
-            assert_eq!(client.peer_node(), SERVER_NODE);
-            assert_eq!(server.peer_node(), CLIENT_NODE);
-            assert_eq!(client.bulk_key(), server.bulk_key());
-            let timeout = client.raw_mut().unwrap().read_timeout().unwrap();
-            assert_eq!(timeout, Some(Duration::from_mins(1)), "the handshake restores the socket's timeouts");
-            assert_eq!(server.raw_mut().unwrap().read_timeout().unwrap(), None);
-
-            client.send(1, b"migrate job 42").unwrap();
-            client.send(2, b"").unwrap();
-            assert_eq!(server.recv().unwrap(), (1, b"migrate job 42".to_vec()));
-            assert_eq!(server.recv().unwrap(), (2, Vec::new()));
-            server.send(3, b"accepted").unwrap();
-            assert_eq!(client.recv().unwrap(), (3, b"accepted".to_vec()));
-
-            let offer = Offer { job: 7, image_bytes: 1 << 30, argv: vec!["sim".into(), "--steps=9".into()] };
-            client.send_json(9, &offer).unwrap();
-            assert_eq!(server.recv_json::<Offer>().unwrap(), (9, offer));
-            client.send(9, b"not json").unwrap();
-            assert!(matches!(server.recv_json::<Offer>(), Err(ChannelError::Decode { kind: 9, .. })));
-
-            let too_big = vec![0; MAX_PAYLOAD + 1];
-            assert!(matches!(client.send(5, &too_big), Err(ChannelError::FrameTooLarge { .. })));
-            client.send(6, b"still usable").unwrap();
-            assert_eq!(server.recv().unwrap(), (6, b"still usable".to_vec()));
-
-            client.shutdown().unwrap();
-            assert!(matches!(server.recv(), Err(ChannelError::Closed)));
-            server.send(7, b"final report").unwrap();
-            assert_eq!(client.recv().unwrap(), (7, b"final report".to_vec()));
-        }
-
-        #[test]
-        fn the_largest_payload_goes_through_a_socket_pair() {
-            let (mut client, mut server) = pair();
-            let big = vec![0xa5; MAX_PAYLOAD];
-            thread::scope(|scope| {
-                scope.spawn(|| client.send(4, &big).unwrap());
-                assert_eq!(server.recv().unwrap(), (4, big.clone()));
-            });
-            server.send(5, b"done").unwrap();
-            assert_eq!(client.recv().unwrap(), (5, b"done".to_vec()));
-        }
-
-        #[test]
-        fn an_image_stream_between_frames_under_the_bulk_key() {
-            use rmosix_checkpoint::transfer;
-            let source = tempfile::tempdir().unwrap();
-            let pages: Vec<u8> = (0..3_000_000u32).map(|i| u8::try_from(i % 241).unwrap()).collect();
-            std::fs::write(source.path().join("pages-1.img"), &pages).unwrap();
-            std::fs::write(source.path().join("core-1.img"), b"registers").unwrap();
-            let target = tempfile::tempdir().unwrap();
-            let (mut client, mut server) = tcp_pair();
-            thread::scope(|scope| {
-                scope.spawn(|| {
-                    client.send(1, b"images follow").unwrap();
-                    let key = *client.bulk_key();
-                    transfer::pack(source.path(), client.raw_mut().unwrap(), &key).unwrap();
-                    client.send(2, b"restore now").unwrap();
-                });
-                assert_eq!(server.recv().unwrap(), (1, b"images follow".to_vec()));
-                let key = *server.bulk_key();
-                let stats = transfer::unpack_limited(server.raw_mut().unwrap(), target.path(), &key, 4 << 20).unwrap();
-                assert_eq!(stats.files, 2);
-                // The stream read nothing past its end: framing goes on in step.
-                assert_eq!(server.recv().unwrap(), (2, b"restore now".to_vec()));
-            });
-            assert_eq!(std::fs::read(target.path().join("pages-1.img")).unwrap(), pages);
-
-            // A stream sealed under another connection's bulk key is refused, and nothing is left.
-            let (mut client, mut server) = tcp_pair();
-            let (other, _) = tcp_pair();
-            let target = tempfile::tempdir().unwrap();
-            thread::scope(|scope| {
-                scope.spawn(|| {
-                    let key = *other.bulk_key();
-                    let _ = transfer::pack(source.path(), client.raw_mut().unwrap(), &key);
-                });
-                let key = *server.bulk_key();
-                let refused = transfer::unpack(server.raw_mut().unwrap(), target.path(), &key).unwrap_err();
-                assert!(matches!(refused, transfer::TransferError::Forged { record: 0, .. }), "{refused}");
-                // Closing ends the sender's writes, which the socket's buffers may not hold.
-                drop(server);
-            });
-            assert_eq!(std::fs::read_dir(target.path()).unwrap().count(), 0);
-        }
-
-        #[test]
-        fn raw_bulk_bytes_between_frames_then_split_halves_on_threads() {
-            const N: u32 = 200;
-            let (mut client, mut server) = tcp_pair();
-            let image: Vec<u8> = (0..3_000_000u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
-            thread::scope(|scope| {
-                scope.spawn(|| {
-                    client.send_json(1, &image.len()).unwrap();
-                    client.raw_mut().unwrap().write_all(&image).unwrap();
-                    let digest = blake3::keyed_hash(client.bulk_key(), &image);
-                    client.send(2, digest.as_bytes()).unwrap();
-                    client.send(3, b"restore now").unwrap();
-                });
-                let (_, len) = server.recv_json::<u64>().unwrap();
-                let mut got = Vec::new();
-                server.raw_mut().unwrap().take(len).read_to_end(&mut got).unwrap();
-                let (kind, digest) = server.recv().unwrap();
-                assert_eq!(kind, 2);
-                assert_eq!(blake3::keyed_hash(server.bulk_key(), &got).as_bytes()[..], digest[..]);
-                assert_eq!(server.recv().unwrap(), (3, b"restore now".to_vec()));
-                assert_eq!(got, image);
-            });
-
-            let (mut c_rx, mut c_tx) = client.into_split().unwrap();
-            let (mut s_rx, mut s_tx) =
-                server.try_into_split_with(|s| Ok((s.try_clone_handle()?, s))).unwrap();
-            assert_eq!(c_rx.peer_node(), SERVER_NODE);
-            assert_eq!(s_tx.peer_node(), CLIENT_NODE);
-            thread::scope(|scope| {
-                scope.spawn(|| (0..N).for_each(|i| c_tx.send_json(1, &i).unwrap()));
-                scope.spawn(|| (0..N).for_each(|i| s_tx.send_json(2, &(i * 2)).unwrap()));
-                scope.spawn(|| (0..N).for_each(|i| assert_eq!(s_rx.recv_json::<u32>().unwrap(), (1, i))));
-                scope.spawn(|| (0..N).for_each(|i| assert_eq!(c_rx.recv_json::<u32>().unwrap(), (2, i * 2))));
-            });
-            c_tx.shutdown().unwrap();
-            assert!(matches!(s_rx.recv(), Err(ChannelError::Closed)));
-        }
-
-        #[test]
-        fn wrong_key_or_version_fails_on_both_sides() {
-            for (client_key, server_key) in [(other_key(), key()), (key(), other_key())] {
-                let (c, s) = UnixStream::pair().unwrap();
-                let (client, server) = thread::scope(|scope| {
-                    let server = scope.spawn(|| Channel::server(s, &server_key, SERVER_NODE));
-                    (Channel::client(c, &client_key, CLIENT_NODE), server.join().unwrap())
-                });
-                assert!(matches!(client, Err(ChannelError::AuthFailed { peer: Role::Server })));
-                assert!(matches!(
-                    server,
-                    Err(ChannelError::HandshakeClosed { step: "reading the client proof" })
-                ));
-            }
-
-            let (c, s) = UnixStream::pair().unwrap();
-            let k = &key();
-            let (client, server) = thread::scope(|scope| {
-                let server =
-                    scope.spawn(move || Channel::handshake(s, k, SERVER_NODE, Role::Server, VERSION + 1));
-                (Channel::client(c, k, CLIENT_NODE), server.join().unwrap())
-            });
-            assert!(matches!(client, Err(ChannelError::VersionMismatch { ours: VERSION, .. })));
-            assert!(matches!(server, Err(ChannelError::VersionMismatch { theirs: VERSION, .. })));
-        }
-
-        #[test]
-        fn flipped_bits_are_refused_and_poison_both_halves() {
-            let payload = b"signal 15";
-            let len = payload.len();
-            for offset in [0, 4, FRAME_HEADER_LEN + 3, FRAME_HEADER_LEN + len + 7] {
-                let (mut client, mut server, mut mitm) = mitm_pair();
-                client.send(8, payload).unwrap();
-                let mut frame = mitm.take_from_client(frame_len(len));
-                frame[offset] ^= 0x01;
-                mitm.send_to_server(&frame);
-                assert!(
-                    matches!(server.recv(), Err(ChannelError::BadMac { seq: 0 })),
-                    "flip at byte {offset} was accepted"
-                );
-                assert!(matches!(server.recv(), Err(ChannelError::Poisoned)));
-                assert!(matches!(server.send(1, b"x"), Err(ChannelError::Poisoned)));
-                assert!(matches!(server.raw_mut(), Err(ChannelError::Poisoned)));
-            }
-
-            // Split first: the reader's failure poisons the writer too.
-            let (mut client, server, mut mitm) = mitm_pair();
-            let (mut rx, mut tx) = server.into_split().unwrap();
-            client.send(8, payload).unwrap();
-            let mut frame = mitm.take_from_client(frame_len(len));
-            frame[FRAME_HEADER_LEN] ^= 0x80;
-            mitm.send_to_server(&frame);
-            assert!(matches!(rx.recv(), Err(ChannelError::BadMac { seq: 0 })));
-            assert!(matches!(tx.send(1, b"x"), Err(ChannelError::Poisoned)));
-        }
-
-        #[test]
-        fn a_read_timeout_keeps_the_partial_frame() {
-            let (mut client, mut server, mut mitm) = mitm_pair();
-            client.send(1, b"in two pieces").unwrap();
-            let frame = mitm.take_from_client(frame_len(13));
-            mitm.send_to_server(&frame[..10]);
-            server.raw_mut().unwrap().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-            let timed_out = server.recv().unwrap_err();
-            assert!(timed_out.is_timeout(), "{timed_out:?}");
-            assert!(matches!(server.raw_mut(), Err(ChannelError::PartialFrame)));
-            mitm.send_to_server(&frame[10..]);
-            assert_eq!(server.recv().unwrap(), (1, b"in two pieces".to_vec()));
-            assert!(server.raw_mut().is_ok());
-
-            // A timeout between frames leaves the channel usable too; truncation still poisons.
-            assert!(server.recv().unwrap_err().is_timeout());
-            client.send(2, b"next").unwrap();
-            let frame = mitm.take_from_client(frame_len(4));
-            mitm.send_to_server(&frame);
-            assert_eq!(server.recv().unwrap(), (2, b"next".to_vec()));
-            mitm.send_to_server(&frame[..3]);
-            drop(mitm);
-            assert!(matches!(server.recv(), Err(ChannelError::Truncated { step: "reading a frame header" })));
-            assert!(matches!(server.recv(), Err(ChannelError::Poisoned)));
-        }
-
-        #[test]
-        fn tcp_handshake_times_out_with_a_silent_peer() {
-            let limit = Duration::from_millis(50);
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
-            let _silent = TcpStream::connect(addr).unwrap();
-            let (stream, _) = listener.accept().unwrap();
-            let server = Channel::handshake_tcp(stream, &key(), SERVER_NODE, Role::Server, limit);
-            assert!(matches!(server, Err(ChannelError::HandshakeTimeout { after }) if after == limit));
-
-            // A peer that trickles its hello a byte at a time is bounded by the whole handshake's limit.
-            let mut trickle = TcpStream::connect(addr).unwrap();
-            let (stream, _) = listener.accept().unwrap();
-            let started = std::time::Instant::now();
-            let server = thread::spawn(move || {
-                Channel::handshake_tcp(stream, &key(), SERVER_NODE, Role::Server, limit)
-            });
-            for byte in hello_bytes(VERSION, 66) {
-                if trickle.write_all(&[byte]).is_err() || started.elapsed() > 10 * limit {
-                    break;
-                }
-                thread::sleep(limit / 5);
-            }
-            assert!(matches!(server.join().unwrap(), Err(ChannelError::HandshakeTimeout { .. })));
-        }
-
-        #[tokio::test]
-        async fn an_async_end_and_a_blocking_end_interoperate() {
-            // An async client and a blocking server, with raw bulk bytes between frames.
-            let image: Vec<u8> = (0..1_000_000u32).map(|i| u8::try_from(i % 253).unwrap()).collect();
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
-            let server = thread::spawn(move || {
-                let (stream, _) = listener.accept().unwrap();
-                let mut server = Channel::server_tcp(stream, &key(), SERVER_NODE).unwrap();
-                assert_eq!(server.peer_node(), CLIENT_NODE);
-                let (_, len) = server.recv_json::<u64>().unwrap();
-                let mut got = Vec::new();
-                server.raw_mut().unwrap().take(len).read_to_end(&mut got).unwrap();
-                let (_, digest) = server.recv().unwrap();
-                assert_eq!(blake3::keyed_hash(server.bulk_key(), &got).as_bytes()[..], digest[..]);
-                server.send(2, b"accepted").unwrap();
-                (*server.bulk_key(), got)
-            });
-            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let mut client = super::Channel::client(stream, &key(), CLIENT_NODE).await.unwrap();
-            assert_eq!(client.peer_node(), SERVER_NODE);
-            client.send_json(1, &image.len()).await.unwrap();
-            client.raw_mut().unwrap().write_all(&image).await.unwrap();
-            client.send(2, blake3::keyed_hash(client.bulk_key(), &image).as_bytes()).await.unwrap();
-            assert_eq!(client.recv().await.unwrap(), (2, b"accepted".to_vec()));
-            let (bulk_key, got) = server.join().unwrap();
-            assert_eq!(&bulk_key, client.bulk_key());
-            assert_eq!(got, image);
-
-            // A blocking client and an async server, split on the async side.
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let client = thread::spawn(move || {
-                let mut client = Channel::client_tcp(TcpStream::connect(addr).unwrap(), &key(), CLIENT_NODE)?;
-                client.send_json(1, &Offer { job: 3, image_bytes: 9, argv: vec!["sh".into()] })?;
-                let reply = client.recv()?;
-                client.shutdown()?;
-                Ok::<_, ChannelError>(reply)
-            });
-            let (stream, _) = listener.accept().await.unwrap();
-            let server = super::Channel::server(stream, &key(), SERVER_NODE).await.unwrap();
-            let (mut rx, mut tx) = server.into_split_with(tokio::net::TcpStream::into_split);
-            let (kind, offer) = rx.recv_json::<Offer>().await.unwrap();
-            assert_eq!((kind, offer.job), (1, 3));
-            tx.send(5, b"stdout").await.unwrap();
-            assert!(matches!(rx.recv().await, Err(ChannelError::Closed)));
-            assert_eq!(client.join().unwrap().unwrap(), (5, b"stdout".to_vec()));
-        }
     }
 }

@@ -2,10 +2,15 @@
 //! relay between them that flips, cuts, drops or replays bytes of either direction, as an attacker on the
 //! network could.
 //!
-//! The input is a script: which implementation (the async `Channel` over in-memory pipes, or
-//! `blocking::Channel` over Unix sockets on threads, as migd uses it), the frames each end sends (then it
-//! closes its direction and reads until the end), and the tamperings. Drops and replays start after the
-//! handshake's bytes; flips and cuts go anywhere.
+//! Both ends are `blocking::Channel`s, as migd uses them, each on a thread of its own over a Unix socket
+//! pair whose other end a relay thread reads; the relays pass each direction's bytes on, tampered, to the
+//! other end's pair.
+//!
+//! The input is a script: a first byte that used to pick the implementation (the async channel, which is
+//! gone, or the blocking one) and selects nothing now, still read so the inputs kept in
+//! `fuzz/corpus/migd_channel/` keep their meaning; the frames each end sends (then it closes its direction
+//! and reads until the end); and the tamperings. Drops and replays start after the handshake's bytes; flips
+//! and cuts go anywhere.
 //!
 //! Checked, on top of no panic and no timeout:
 //! - each end receives a prefix of the frames the other sent, never a frame it did not send;
@@ -22,7 +27,6 @@ use std::sync::Once;
 use std::time::Duration;
 
 use rmosix_migd::channel::{self, ChannelError, blocking};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::input::{Builder, Input};
 
@@ -30,7 +34,7 @@ const CLIENT_NODE: u32 = 1;
 const SERVER_NODE: u32 = 2;
 const MAX_FRAMES: u8 = 8;
 const MAX_PAYLOAD: usize = 1024;
-/// A blocking end that waits this long is stuck; the target fails rather than hang.
+/// An end or a relay that waits this long is stuck; the target fails rather than hang.
 const STUCK: Duration = Duration::from_secs(5);
 
 /// One frame: kind and payload.
@@ -147,7 +151,6 @@ impl Outcome {
 /// The script an input describes.
 #[derive(Debug, Default)]
 struct Script {
-    blocking: bool,
     /// Frames the client sends, then those the server sends.
     frames: [Vec<Frame>; 2],
     /// Tamperings of client-to-server bytes, then of server-to-client ones.
@@ -157,7 +160,9 @@ struct Script {
 impl Script {
     fn read(data: &[u8]) -> Self {
         let mut input = Input::new(data);
-        let mut script = Script { blocking: input.u8() % 2 == 1, ..Script::default() };
+        // Once the choice of implementation; nothing now.
+        let _ = input.u8();
+        let mut script = Script::default();
         for frames in &mut script.frames {
             for _ in 0..input.u8() % (MAX_FRAMES + 1) {
                 let kind = input.u8();
@@ -182,7 +187,7 @@ impl Script {
 /// Runs one input.
 pub fn run(data: &[u8]) {
     let script = Script::read(data);
-    let (client, server, transforms) = if script.blocking { run_blocking(&script) } else { run_async(&script) };
+    let (client, server, transforms) = run_ends(&script);
     check(&script, &client, &server, &transforms);
 }
 
@@ -221,72 +226,6 @@ fn check(script: &Script, client: &Outcome, server: &Outcome, transforms: &[Tran
     }
 }
 
-fn run_async(script: &Script) -> (Outcome, Outcome, [Transform; 2]) {
-    let key = crate::cluster_key();
-    let (client_io, client_side) = tokio::io::duplex(1 << 20);
-    let (server_side, server_io) = tokio::io::duplex(1 << 20);
-    let (from_client, to_client) = tokio::io::split(client_side);
-    let (from_server, to_server) = tokio::io::split(server_side);
-    let c2s = Transform { tampers: script.tampers[0].clone(), ..Transform::default() };
-    let s2c = Transform { tampers: script.tampers[1].clone(), ..Transform::default() };
-    crate::handshake::runtime().block_on(async {
-        let client = async {
-            match channel::Channel::client(client_io, &key, CLIENT_NODE).await {
-                Ok(ch) => async_end(ch, &script.frames[0]).await,
-                Err(e) => Outcome::failed(&e),
-            }
-        };
-        let server = async {
-            match channel::Channel::server(server_io, &key, SERVER_NODE).await {
-                Ok(ch) => async_end(ch, &script.frames[1]).await,
-                Err(e) => Outcome::failed(&e),
-            }
-        };
-        let (client, server, c2s, s2c) = tokio::join!(
-            client,
-            server,
-            relay_async(from_client, to_server, c2s),
-            relay_async(from_server, to_client, s2c)
-        );
-        (client, server, [c2s, s2c])
-    })
-}
-
-async fn async_end<S: AsyncRead + AsyncWrite + Unpin>(mut ch: channel::Channel<S>, frames: &[Frame]) -> Outcome {
-    let mut outcome =
-        Outcome { handshake: Ok((ch.peer_node(), *ch.bulk_key())), received: Vec::new(), end: End::Closed };
-    for (kind, payload) in frames {
-        if ch.send(*kind, payload).await.is_err() {
-            break;
-        }
-    }
-    let _ = ch.shutdown().await;
-    while outcome.finish(ch.recv().await) {}
-    outcome
-}
-
-async fn relay_async(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin, mut t: Transform) -> Transform {
-    let mut buf = vec![0; 4096];
-    let mut out = Vec::new();
-    let mut open = true;
-    // Read the sender to its end whatever happens, so it never waits on a full pipe.
-    while let Ok(n @ 1..) = from.read(&mut buf).await {
-        out.clear();
-        let going_on = t.feed(&buf[..n], &mut out);
-        if open && !out.is_empty() && to.write_all(&out).await.is_err() {
-            open = false;
-        }
-        if open && !going_on {
-            let _ = to.shutdown().await;
-            open = false;
-        }
-    }
-    if open {
-        let _ = to.shutdown().await;
-    }
-    t
-}
-
 fn ignore_sigpipe() {
     static ONCE: Once = Once::new();
     // libFuzzer's main is not Rust's, which would have done this: a write to a closed socket must be an
@@ -306,7 +245,8 @@ fn socket_pair() -> (UnixStream, UnixStream) {
     (a, b)
 }
 
-fn run_blocking(script: &Script) -> (Outcome, Outcome, [Transform; 2]) {
+/// Runs the client and the server on threads of their own, with a relay thread for each direction.
+fn run_ends(script: &Script) -> (Outcome, Outcome, [Transform; 2]) {
     ignore_sigpipe();
     let key = crate::cluster_key();
     let (client_io, client_side) = socket_pair();
@@ -317,15 +257,15 @@ fn run_blocking(script: &Script) -> (Outcome, Outcome, [Transform; 2]) {
     let (to_client, to_server) = (clone(&client_side), clone(&server_side));
     std::thread::scope(|scope| {
         let client = scope.spawn(|| match blocking::Channel::client(client_io, &key, CLIENT_NODE) {
-            Ok(ch) => blocking_end(ch, &script.frames[0]),
+            Ok(ch) => end(ch, &script.frames[0]),
             Err(e) => Outcome::failed(&e),
         });
         let server = scope.spawn(|| match blocking::Channel::server(server_io, &key, SERVER_NODE) {
-            Ok(ch) => blocking_end(ch, &script.frames[1]),
+            Ok(ch) => end(ch, &script.frames[1]),
             Err(e) => Outcome::failed(&e),
         });
-        let c2s = scope.spawn(move || relay_blocking(client_side, to_server, c2s));
-        let s2c = scope.spawn(move || relay_blocking(server_side, to_client, s2c));
+        let c2s = scope.spawn(move || relay(client_side, to_server, c2s));
+        let s2c = scope.spawn(move || relay(server_side, to_client, s2c));
         (join(client), join(server), [join(c2s), join(s2c)])
     })
 }
@@ -335,7 +275,8 @@ fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
     handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
-fn blocking_end(mut ch: blocking::Channel<UnixStream>, frames: &[Frame]) -> Outcome {
+/// Sends `frames`, closes our direction and receives until the end.
+fn end(mut ch: blocking::Channel<UnixStream>, frames: &[Frame]) -> Outcome {
     let mut outcome =
         Outcome { handshake: Ok((ch.peer_node(), *ch.bulk_key())), received: Vec::new(), end: End::Closed };
     for (kind, payload) in frames {
@@ -348,7 +289,9 @@ fn blocking_end(mut ch: blocking::Channel<UnixStream>, frames: &[Frame]) -> Outc
     outcome
 }
 
-fn relay_blocking(mut from: UnixStream, mut to: UnixStream, mut t: Transform) -> Transform {
+/// Passes one direction's bytes on through `t`. Reads the sender to its end whatever happens, so it never
+/// waits on a full socket.
+fn relay(mut from: UnixStream, mut to: UnixStream, mut t: Transform) -> Transform {
     let mut buf = vec![0; 4096];
     let mut out = Vec::new();
     let mut open = true;
@@ -377,7 +320,7 @@ fn relay_blocking(mut from: UnixStream, mut to: UnixStream, mut t: Transform) ->
     t
 }
 
-/// Clean exchanges and one of each tampering, for both implementations.
+/// Clean exchanges and one of each tampering.
 pub fn seeds() -> Vec<Vec<u8>> {
     let frames = |b: Builder| {
         b.u8(3).u8(1).chunk(br#"{"home_node":1,"home_pid":42}"#).u8(11).chunk(b"output").u8(16).chunk(b"0")
@@ -393,16 +336,15 @@ pub fn seeds() -> Vec<Vec<u8>> {
         &[(0, 0, 3, 1), (1, 1, 50, 1)],
     ];
     let mut seeds = Vec::new();
-    for blocking in 0..2 {
-        for list in tampers {
-            let mut b = frames(Builder::new().u8(blocking));
-            b = b.u8(2).u8(2).chunk(br#"{"ok":true}"#).u8(13).chunk(b"input");
-            b = b.u8(u8::try_from(list.len()).expect("short"));
-            for &(direction, op, offset, len) in list {
-                b = b.u8(direction).u8(op).u16(offset).u8(len).u8(0x41);
-            }
-            seeds.push(b.build());
+    for list in tampers {
+        // The first byte selects nothing; 1 picked the blocking ends when it still did.
+        let mut b = frames(Builder::new().u8(1));
+        b = b.u8(2).u8(2).chunk(br#"{"ok":true}"#).u8(13).chunk(b"input");
+        b = b.u8(u8::try_from(list.len()).expect("short"));
+        for &(direction, op, offset, len) in list {
+            b = b.u8(direction).u8(op).u16(offset).u8(len).u8(0x41);
         }
+        seeds.push(b.build());
     }
     seeds
 }

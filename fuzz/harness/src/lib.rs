@@ -93,7 +93,7 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "migd_handshake",
-        feeds: "hostile bytes to a migd channel end (server or client, blocking or async)",
+        feeds: "hostile bytes to a migd channel end (server or client)",
         run: handshake::run,
         seeds: handshake::seeds,
         tokens: handshake::TOKENS,
