@@ -213,6 +213,8 @@ pub enum Stay {
     NotWorthIt { key: (u32, i32), gain: f64, cost: f64 },
     /// Memory is short here and no job can go: why.
     MemoryStuck(String),
+    /// The node's policy keeps its jobs: which.
+    Policy(String),
 }
 
 impl std::fmt::Display for Stay {
@@ -227,6 +229,7 @@ impl std::fmt::Display for Stay {
                 write!(f, "job {}.{} would gain {gain:.2} CPU-s and lose {cost:.2} while frozen: not yet", key.0, key.1)
             }
             Stay::MemoryStuck(why) => write!(f, "memory is short and no job can go: {why}"),
+            Stay::Policy(why) => f.write_str(why),
         }
     }
 }

@@ -199,7 +199,7 @@ pub struct ResourcesConfig {
 }
 
 /// Policy flags the node advertises.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// Refuse guest jobs from other nodes.
@@ -207,6 +207,15 @@ pub struct PolicyConfig {
     /// Take root's jobs (uid 0) from other nodes. Off by default: whoever holds the cluster key could
     /// otherwise run anything as root on this node. A root job coming back to its home node is always taken.
     pub allow_root_guests: bool,
+    /// Where the policy set with `mosctl` (block, stay, lstay, setspeed) is kept across restarts; until it
+    /// exists, the policy is this section's. Relative paths are taken from the configuration file's directory.
+    pub state: PathBuf,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self { block_guests: false, allow_root_guests: false, state: PathBuf::from("/var/lib/rmosix/policy.json") }
+    }
 }
 
 impl Default for Config {
@@ -308,6 +317,7 @@ impl Config {
                 &mut config.checkpoint.log_dir,
                 &mut config.migd.socket,
                 &mut config.migd.records,
+                &mut config.policy.state,
             ] {
                 if p.is_relative() {
                     *p = normalize(&dir.join(&*p));

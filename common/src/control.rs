@@ -215,6 +215,13 @@ pub enum Request {
     Guests,
     /// Every job of the cluster, asked of every live node's migd.
     Jobs,
+    /// This node's policy, changed first if `change` is given (root only).
+    Policy { change: Option<crate::policy::Change> },
+    /// Block guests, and send every guest this node has home, or elsewhere if home cannot take it (root
+    /// only).
+    Expel,
+    /// Pin a job where it runs (it moves only when someone asks), or unpin it (its owner or root).
+    Pin { home_pid: i32, pinned: bool },
 }
 
 /// Why migd refused.
@@ -234,6 +241,8 @@ pub enum Refusal {
     /// `migrate PID balance`: no node would run it better than where it runs.
     Balanced,
     BadRequest,
+    /// Only root may do this (a node's policy).
+    NotRoot,
     Failed,
 }
 
@@ -251,6 +260,12 @@ pub enum Response {
     Moved { home_pid: i32, from: u32, to: u32, seconds: f64, frozen: f64 },
     /// `migrate PID balance` left the job where it runs, and why.
     Stayed { home_pid: i32, node: u32, why: String },
+    /// The node's policy, as it is now.
+    Policy { node: u32, policy: crate::policy::NodePolicy },
+    /// What `expel` did: the guests sent away, and those that could not go (each with why).
+    Expelled { moved: u32, failed: Vec<String> },
+    /// A job is pinned (or not) where it runs.
+    Pinned { home_pid: i32, pinned: bool },
     /// A request was refused.
     Refused { why: Refusal, message: String },
     /// The number of guest jobs running here.

@@ -15,6 +15,7 @@ pub mod load;
 pub mod map;
 pub mod mountinfo;
 pub mod node;
+pub mod policy;
 pub mod query;
 pub mod wire;
 

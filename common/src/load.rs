@@ -4,8 +4,12 @@ use crate::config::LoadConfig;
 
 /// Policy flag: the node refuses guest jobs.
 pub const FLAG_BLOCKS_GUESTS: u32 = 1;
+/// Policy flag: nothing leaves the node by itself (`mosctl stay`).
+pub const FLAG_STAYS: u32 = 2;
+/// Policy flag: the node's own jobs do not leave it by themselves (`mosctl lstay`).
+pub const FLAG_LSTAYS: u32 = 4;
 /// Every flag this version knows; others are kept but not interpreted.
-pub const KNOWN_FLAGS: u32 = FLAG_BLOCKS_GUESTS;
+pub const KNOWN_FLAGS: u32 = FLAG_BLOCKS_GUESTS | FLAG_STAYS | FLAG_LSTAYS;
 
 /// One node's state at one moment, as measured by its infod.
 #[derive(
@@ -68,6 +72,16 @@ impl LoadVector {
     /// True when the node refuses guest jobs.
     pub fn blocks_guests(&self) -> bool {
         self.flags & FLAG_BLOCKS_GUESTS != 0
+    }
+
+    /// True when nothing leaves the node by itself.
+    pub fn stays(&self) -> bool {
+        self.flags & FLAG_STAYS != 0
+    }
+
+    /// True when the node's own jobs do not leave it by themselves.
+    pub fn lstays(&self) -> bool {
+        self.flags & FLAG_LSTAYS != 0
     }
 }
 

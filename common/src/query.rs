@@ -50,6 +50,12 @@ pub struct NodeView {
     pub mem_total: Option<u64>,
     pub guests: Option<u32>,
     pub blocks_guests: Option<bool>,
+    /// Nothing leaves it by itself (`mosctl stay`).
+    #[serde(default)]
+    pub stays: Option<bool>,
+    /// Its own jobs do not leave it by themselves (`mosctl lstay`).
+    #[serde(default)]
+    pub lstays: Option<bool>,
     /// Age of the newest information in milliseconds; `null` when never heard of.
     pub age_ms: Option<u64>,
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rmosix_common::config::{Config, ResourceSource};
 use rmosix_common::control::{self, ControlError};
-use rmosix_common::load::{Decay, FLAG_BLOCKS_GUESTS, LoadVector};
+use rmosix_common::load::{Decay, LoadVector};
 use rmosix_common::map::ClusterMap;
 use rmosix_common::query::{Request, Response};
 use rmosix_common::wire::{self, MAX_DATAGRAM};
@@ -140,13 +140,19 @@ struct Meter {
     vector: LoadVector,
     /// The guest count, from migd.
     guests: Guests,
+    /// The configuration, for the node's policy (`rmosix_common::policy`), read again every interval.
+    config: rmosix_common::config::Config,
+    /// The speed of the map or the configuration, which `mosctl setspeed` overrides.
+    configured_speed: f64,
+    /// The last policy error logged, so a lasting one is logged once.
+    policy_error: Option<String>,
 }
 
 impl Meter {
     fn new(settings: &Settings, resources: Box<dyn ResourceView>, incarnation: u64, ask_migd: Duration) -> Self {
         let node = settings.map.get(settings.me).expect("checked at load");
         let speed = settings.config.resources.speed.unwrap_or(node.speed);
-        let flags = if settings.config.policy.block_guests { FLAG_BLOCKS_GUESTS } else { 0 };
+        let flags = rmosix_common::policy::NodePolicy::configured(&settings.config).flags();
         let migd_socket =
             std::env::var_os(control::SOCKET_ENV).map_or_else(|| settings.config.migd.socket.clone(), PathBuf::from);
         Self {
@@ -155,6 +161,9 @@ impl Meter {
             samples: Vec::new(),
             per_interval: settings.config.load.samples_per_interval as usize,
             guests: Guests::new(migd_socket, ask_migd),
+            config: settings.config.clone(),
+            configured_speed: speed,
+            policy_error: None,
             vector: LoadVector {
                 node: settings.me.0,
                 cpus: 1,
@@ -197,6 +206,21 @@ impl Meter {
             Err(e) => warn!(error = %e, "cannot read the memory"),
         }
         v.guests = self.guests.last();
+        match rmosix_common::policy::NodePolicy::load(&self.config) {
+            Ok(policy) => {
+                v.flags = policy.flags();
+                v.speed = policy.speed.unwrap_or(self.configured_speed);
+                self.policy_error = None;
+            }
+            Err(e) => {
+                // The last policy known stays in force.
+                let e = e.to_string();
+                if self.policy_error.as_ref() != Some(&e) {
+                    warn!(error = %e, "cannot read the node's policy; the last one known stays");
+                    self.policy_error = Some(e);
+                }
+            }
+        }
         v.seq += 1;
         Some(v.clone())
     }

@@ -290,6 +290,8 @@ impl Engine {
                     mem_total: vector.map(|v| v.mem_total),
                     guests: vector.map(|v| v.guests),
                     blocks_guests: vector.map(LoadVector::blocks_guests),
+                    stays: vector.map(LoadVector::stays),
+                    lstays: vector.map(LoadVector::lstays),
                     age_ms: age,
                 }
             })

@@ -41,6 +41,7 @@ mod guest;
 mod home;
 mod jobs;
 mod ownership;
+mod policy;
 mod runner;
 mod source;
 
@@ -213,6 +214,8 @@ pub struct Daemon {
     observer: crate::observe::Observer,
     /// What the balancer remembers between its decisions.
     balancer: balancer::BalancerState,
+    /// This node's policy (`mosctl block`, `stay`, ...), as kept in `[policy] state`.
+    policy: Mutex<rmosix_common::policy::NodePolicy>,
 }
 
 /// A job homed here, taken up from the keeper: the runner, its stdout and stderr read ends, and whether
@@ -241,6 +244,10 @@ impl Daemon {
             }
         }
         let jobs_cgroup = jobs_cgroup();
+        let policy = rmosix_common::policy::NodePolicy::load(&settings.config).unwrap_or_else(|error| {
+            warn!(%error, "cannot read the node's policy; the configuration's holds until mosctl sets one");
+            rmosix_common::policy::NodePolicy::configured(&settings.config)
+        });
         let observer = if settings.config.migd.probes {
             let observer = crate::observe::Observer::start();
             // Loading parsed the kernel's BTF, megabytes that are free now: give them back, or migd stays
@@ -274,6 +281,7 @@ impl Daemon {
             adopted: Mutex::new(HashMap::new()),
             observer,
             balancer: balancer::BalancerState::default(),
+            policy: Mutex::new(policy),
         })
     }
 

@@ -79,6 +79,8 @@ pub const KILL: u8 = 20;
 pub const ATTACHED: u8 = 22;
 /// Home refuses the link (from home): its record names another node or generation; JSON reason.
 pub const REFUSED: u8 = 23;
+/// Pin the job where it runs, or unpin it (from home, `mosctl pin`/`unpin`): JSON bool.
+pub const PIN: u8 = 24;
 /// Output up to this sequence number is written out at home (from home): u64 little-endian. Output frames
 /// (`STDOUT`, `STDERR`) start with their own sequence number, so a node that links again after losing its
 /// link sends what was not acknowledged, and home skips what it already wrote.

@@ -171,7 +171,7 @@ pub fn status_table(view: &ClusterView) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>5}  {:<15}  {:<5}  {:>6}  {:>4}  {:>5}  {:>17}  {:>6}  {:>7}",
+        "{:>5}  {:<15}  {:<5}  {:>6}  {:>4}  {:>5}  {:>17}  {:>6}  {:>7}  POLICY",
         "NODE", "ADDRESS", "STATE", "LOAD", "CPUS", "SPEED", "FREE/TOTAL MEM", "GUESTS", "AGE"
     );
     for n in &view.nodes {
@@ -182,9 +182,14 @@ pub fn status_table(view: &ClusterView) -> String {
             (true, _) => "up",
         };
         let dash = || "-".to_owned();
+        let policy: Vec<&str> = [(n.blocks_guests, "block"), (n.stays, "stay"), (n.lstays, "lstay")]
+            .into_iter()
+            .filter_map(|(set, word)| (set == Some(true)).then_some(word))
+            .collect();
+        let policy = if policy.is_empty() { dash() } else { policy.join(",") };
         let _ = writeln!(
             out,
-            "{:>4}{me}  {:<15}  {:<5}  {:>6}  {:>4}  {:>5}  {:>17}  {:>6}  {:>7}",
+            "{:>4}{me}  {:<15}  {:<5}  {:>6}  {:>4}  {:>5}  {:>17}  {:>6}  {:>7}  {policy}",
             n.id,
             n.address,
             state,
@@ -286,6 +291,8 @@ mod tests {
             mem_total: Some(2 << 30),
             guests: Some(0),
             blocks_guests: Some(false),
+            stays: Some(false),
+            lstays: Some(false),
             age_ms: Some(1500),
         };
         let down = NodeView {
@@ -299,13 +306,15 @@ mod tests {
             mem_total: None,
             guests: None,
             blocks_guests: None,
+            stays: None,
+            lstays: None,
             age_ms: None,
         };
         let view = ClusterView { node: 1, nodes: vec![up, down], counters: Counters::default() };
         let table = status_table(&view);
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[1].starts_with("   1*  10.0.0.1         up       1.25     2   1.00"), "{table}");
-        assert!(lines[1].ends_with("1.5s"), "{table}");
+        assert!(lines[1].ends_with("1.5s  -"), "{table}");
         assert!(lines[2].contains("down") && lines[2].ends_with('-'), "{table}");
         let json = status_json(&view);
         assert_eq!(json["nodes"][0]["age_ms"], 1500);

@@ -493,7 +493,8 @@ impl Cluster {
                  auto = {}\n\n\
                  # The tests move root's jobs too.\n\
                  [policy]\n\
-                 allow_root_guests = true\n\n\
+                 allow_root_guests = true\n\
+                 state = \"policy.json\"\n\n\
                  [checkpoint]\n\
                  criu = \"{}\"\n\
                  image_store = \"{IMAGE_STORE}\"\n\

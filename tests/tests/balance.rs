@@ -61,6 +61,13 @@ fn record(c: &Cluster, pid: u32) -> Value {
     serde_json::from_str::<Value>(&text).unwrap()["record"].clone()
 }
 
+/// `mosctl ARGS` on node `node` as root; what it printed.
+fn mosctl(c: &Cluster, node: u32, args: &[&str]) -> String {
+    let out = c.command(node, "mosctl").unwrap().args(args).output().unwrap();
+    assert!(out.status.success(), "mosctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Waits for every job, and checks that each exited 0 with the output of an unmoved run.
 fn all_whole(children: Vec<(Child, Lines)>, args: &[&str]) {
     let expected = reference(args);
@@ -146,15 +153,18 @@ fn jobs_that_must_stay_and_a_node_that_blocks_guests_keep_every_job_home() {
         assert_eq!(record(&c, pid)["migrations"], 0, "job {pid} moved by itself: {}", record(&c, pid));
     }
 
-    // Node 2 blocks guests: nothing goes there, though node 1 has four jobs on one CPU.
-    let config = c.config(2);
-    let text = std::fs::read_to_string(&config).unwrap().replace("[policy]\n", "[policy]\nblock_guests = true\n");
-    std::fs::write(&config, text).unwrap();
+    // Node 2 blocks guests: nothing goes there, though node 1 has four jobs on one CPU. Its policy is
+    // root's to set, and outlives its daemons.
+    let refused = c.command_as(2, &u, "mosctl").unwrap().arg("block").output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("only root may change node 2's policy"), "{refused:?}");
+    assert_eq!(mosctl(&c, 2, &["block"]), "node 2: block\n");
     for daemon in ["infod", "migd"] {
         c.kill_daemon(2, daemon).unwrap();
     }
     c.start_infod(2).unwrap();
     c.start_migd(2).unwrap();
+    assert_eq!(mosctl(&c, 2, &["policy"]), "node 2: block\n");
     let free: Vec<(Child, Lines)> = (0..2).map(|_| start(&c, &u, &[], &SPIN)).collect();
     let free_pids: Vec<u32> = free.iter().map(|(child, _)| child.id()).collect();
     wait_until("node 1 to see node 2 block guests", PATIENCE, || {
@@ -206,4 +216,46 @@ fn migrate_balance_leaves_a_job_alone_on_a_balanced_cluster_and_moves_one_from_a
     let mut all = vec![(first, first_lines)];
     all.extend(others);
     all_whole(all, &SPIN);
+}
+
+#[test]
+fn a_pinned_job_stays_until_unpinned_and_expel_sends_guests_home() {
+    let c = cluster("balpin");
+    let u = test_user().unwrap();
+    // Pinned by their owner at once: two jobs on node 1's one CPU, node 2 idle, and neither moves.
+    let jobs_: Vec<(Child, Lines)> = (0..2).map(|_| start(&c, &u, &[], &SPIN)).collect();
+    let pids: Vec<u32> = jobs_.iter().map(|(child, _)| child.id()).collect();
+    for ((_, lines), &pid) in jobs_.iter().zip(&pids) {
+        lines.wait_for(1);
+        let out = c.command_as(1, &u, "mosctl").unwrap().args(["pin", &pid.to_string()]).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{pid} is pinned: it moves only when asked\n"));
+    }
+    wait_until("both jobs classed CPU-bound", PATIENCE, || {
+        let view = jobs(&c, &u);
+        pids.iter().all(|&p| view_of(&view, p).is_some_and(|j| j["class"] == "cpu"))
+    });
+    let settled = std::time::Instant::now();
+    wait_until("the balancer's residence time and a few of its rounds", PATIENCE, || {
+        settled.elapsed() >= std::time::Duration::from_secs(6)
+    });
+    for &pid in &pids {
+        assert_eq!(record(&c, pid)["migrations"], 0, "pinned job {pid} moved");
+    }
+    // Unpinned, one of them goes to node 2 by itself.
+    let out = c.command_as(1, &u, "mosctl").unwrap().args(["unpin", &pids[0].to_string()]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_until("the unpinned job running on node 2", PATIENCE, || {
+        let r = record(&c, pids[0]);
+        r["node"] == 2 && r["node_pid"] != 0
+    });
+    assert_eq!(record(&c, pids[1])["node"], 1);
+
+    // expel on node 2: its guest goes home, and node 2 takes no more.
+    let said = mosctl(&c, 2, &["expel"]);
+    assert_eq!(said, "1 guest(s) sent away; this node now blocks guests\n");
+    assert_eq!(record(&c, pids[0])["node"], 1);
+    assert_eq!(record(&c, pids[0])["migrations"], 2);
+    assert_eq!(mosctl(&c, 2, &["policy"]), "node 2: block\n");
+    all_whole(jobs_, &SPIN);
 }

@@ -456,7 +456,7 @@ fn a_node_that_blocks_guests_refuses_a_job_which_runs_on_at_home() {
     let pid = child.id();
     let lines = Lines::of(&mut child);
     lines.wait_for(10);
-    let why = "node 2 blocks guests (its policy block_guests is set); choose another node";
+    let why = "node 2 blocks guests (mosctl block, or block_guests in its configuration); choose another node";
     let out = c.command(1, "migrate").unwrap().args([pid.to_string().as_str(), "2"]).output().unwrap();
     assert_eq!(refused(&out), format!("migrate: cannot move {pid}: {why}"));
     assert_eq!(refusal(&c, None, pid, Target::Node(2)), (Refusal::TargetBlocksGuests, why.to_owned()));

@@ -65,6 +65,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         mem_total: Some(4 << 30),
         guests: Some(1),
         blocks_guests: Some(false),
+        stays: Some(false),
+        lstays: Some(false),
         age_ms: Some(120),
     };
     let unknown = NodeView {
@@ -78,6 +80,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         mem_total: None,
         guests: None,
         blocks_guests: None,
+        stays: None,
+        lstays: None,
         age_ms: None,
     };
     let mut counters = Counters { sent: 10, send_errors: 0, received: 9, accepted: 8, ..Counters::default() };

@@ -117,7 +117,7 @@ impl Daemon {
                     key: (r.home_node, r.home_pid),
                     demand: seen.fast.rates.demand(),
                     cpu_bound: seen.class == Class::Cpu,
-                    movable: seen.reason.is_none() && !seen.stopped && !r.facts.stay_home && !r.facts.manual,
+                    movable: seen.reason.is_none() && !seen.stopped && !r.facts.stay_home && !r.facts().manual,
                     rss: seen.rss,
                     age: now.saturating_sub(Duration::from_secs(r.facts.started)),
                     residence: r.arrived.elapsed(),
@@ -138,12 +138,23 @@ impl Daemon {
 
     /// One decision: usher if memory is short, else balance; at most one move, made before returning.
     fn balance_once(self: &Arc<Self>) {
+        let policy = self.policy();
+        if policy.stay {
+            self.stayed(&Stay::Policy("this node's policy is stay (mosctl stay)".into()));
+            return;
+        }
         let Some((me, others)) = self.balance_nodes() else {
             debug!("infod cannot say what the cluster looks like; nothing moves");
             return;
         };
         let params = self.balance_params();
-        let jobs = self.balance_jobs();
+        let mut jobs = self.balance_jobs();
+        if policy.lstay {
+            // The jobs started here stay while they run here; guests may go.
+            for (runner, job) in &mut jobs {
+                job.movable &= runner.home_node != me.id;
+            }
+        }
         let plain: Vec<balance::Job> = jobs.iter().map(|(_, j)| j.clone()).collect();
         let adjusted = self.adjusted(&me, &others, &params);
         let decision = match balance::usher(&me, &others, &plain, &adjusted, &params) {

@@ -153,6 +153,19 @@ impl Daemon {
             Request::Jobs => {
                 let _ = control::send(&mut stream, &self.cluster_jobs());
             }
+            Request::Policy { change } => {
+                let response = self.change_policy(peer.uid, change).unwrap_or_else(|e| Response::Refused { why: e.why, message: e.message });
+                let _ = control::send(&mut stream, &response);
+            }
+            Request::Expel => {
+                let response = self.expel(peer.uid).unwrap_or_else(|e| Response::Refused { why: e.why, message: e.message });
+                let _ = control::send(&mut stream, &response);
+            }
+            Request::Pin { home_pid, pinned } => {
+                let response =
+                    self.pin(peer.uid, home_pid, pinned).unwrap_or_else(|e| Response::Refused { why: e.why, message: e.message });
+                let _ = control::send(&mut stream, &response);
+            }
             Request::Signal { .. } => refuse(&mut stream, Refusal::BadRequest, "signal outside a run session"),
         }
     }

@@ -210,8 +210,8 @@ impl Daemon {
             }
             return Ok(());
         }
-        if policy.block_guests {
-            let why = format!("node {me} blocks guests (its policy block_guests is set); choose another node");
+        if self.policy().block_guests {
+            let why = format!("node {me} blocks guests (mosctl block, or block_guests in its configuration); choose another node");
             return Err((Refusal::TargetBlocksGuests, why));
         }
         // Images land in memory (a tmpfs) and the restore needs as much again: refuse before a byte is sent

@@ -243,6 +243,12 @@ impl Daemon {
                         let _ = runner.job.signal(sig);
                     }
                 }
+                Ok((protocol::PIN, data)) => {
+                    if let Ok(pinned) = serde_json::from_slice::<bool>(&data) {
+                        runner.pinned.store(pinned, Ordering::Relaxed);
+                        self.kept_update(runner, None, false);
+                    }
+                }
                 Ok((protocol::KILL, _)) => {
                     let _ = runner.job.signal(Signal::SIGKILL);
                 }

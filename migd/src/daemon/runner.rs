@@ -115,6 +115,8 @@ pub(super) struct Runner {
     pub(super) in_move: AtomicBool,
     /// When this copy started running here (started, arrived or taken up).
     pub(super) arrived: Instant,
+    /// Its owner pinned it here (`mosctl pin`): it moves only when someone asks.
+    pub(super) pinned: AtomicBool,
     /// The keeper holding the job's pipes too, told when the job's stdin ends (its copy of the write end
     /// would keep the job from seeing the end).
     pub(super) keeper: Option<Keeper>,
@@ -141,8 +143,14 @@ impl Runner {
             link: Mutex::new(None),
             in_move: AtomicBool::new(false),
             arrived: Instant::now(),
+            pinned: AtomicBool::new(false),
             keeper: None,
         }
+    }
+
+    /// What travels with the job, as it stands now: pinned, it moves only when asked, wherever it goes.
+    pub(super) fn facts(&self) -> JobFacts {
+        JobFacts { manual: self.facts.manual || self.pinned.load(Ordering::Relaxed), ..self.facts }
     }
 
     /// Which job this copy is, and whose.
@@ -154,7 +162,7 @@ impl Runner {
             gid: self.gid,
             groups: self.groups.clone(),
             command: self.command.clone(),
-            facts: self.facts,
+            facts: self.facts(),
         }
     }
 
@@ -188,7 +196,7 @@ impl Runner {
             pid: self.job.pid(),
             pipes: self.job.pipes(),
             stdin_open: self.stdin.lock().expect("stdin").is_some(),
-            facts: self.facts,
+            facts: self.facts(),
             moving_to,
             arriving,
         }

@@ -113,7 +113,7 @@ impl Daemon {
             command: runner.command.clone(),
             image_bytes,
             epoch: runner.epoch + 1,
-            facts: rmosix_common::control::JobFacts { migrations: runner.facts.migrations + 1, ..runner.facts },
+            facts: rmosix_common::control::JobFacts { migrations: runner.facts.migrations + 1, ..runner.facts() },
         };
         let net = |e: crate::channel::ChannelError| failed(Refusal::TargetDown, &format!("the connection to node {to} broke ({e})"));
         link.send_json(protocol::OFFER, &offer).map_err(net)?;

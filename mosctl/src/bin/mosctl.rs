@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use rmosix_common::key::ClusterKey;
 use rmosix_common::query::{Request, Response, ask};
 use rmosix_common::control;
+use rmosix_common::policy::Change;
 use rmosix_mosctl::{JobFilter, infod_socket, jobs_json, jobs_table, status_json, status_table};
 
 /// Administer an rmosix node and look at the cluster.
@@ -58,6 +59,28 @@ enum Command {
     },
     /// Write a new random cluster key to FILE (mode 0600); copy it to every node.
     Genkey { file: PathBuf },
+    /// Refuse guest jobs from other nodes (root; kept across restarts, advertised to the cluster).
+    Block,
+    /// Take guest jobs again (root).
+    Noblock,
+    /// Nothing leaves this node by itself, neither its jobs nor its guests; `migrate` still moves them (root).
+    Stay,
+    /// Jobs leave this node by themselves again (root).
+    Nostay,
+    /// The jobs started on this node do not leave it by themselves; guests still may (root).
+    Lstay,
+    /// The jobs started on this node leave it by themselves again (root).
+    Nolstay,
+    /// Block guests and send every guest home, or elsewhere when home cannot take it (root).
+    Expel,
+    /// Advertise this relative CPU speed instead of the map's (root).
+    Setspeed { speed: f64 },
+    /// Show this node's policy.
+    Policy,
+    /// Keep one of your jobs where it runs: it moves only when someone asks (on the job's home node).
+    Pin { pid: i32 },
+    /// Let one of your jobs move by itself again.
+    Unpin { pid: i32 },
 }
 
 fn main() -> ExitCode {
@@ -114,6 +137,56 @@ fn run(args: Args) -> anyhow::Result<()> {
             ClusterKey::generate().write_new(&file)?;
             println!("wrote a new cluster key to {}", file.display());
         }
+        Command::Block => policy(&args, Some(Change::Block))?,
+        Command::Noblock => policy(&args, Some(Change::NoBlock))?,
+        Command::Stay => policy(&args, Some(Change::Stay))?,
+        Command::Nostay => policy(&args, Some(Change::NoStay))?,
+        Command::Lstay => policy(&args, Some(Change::LStay))?,
+        Command::Nolstay => policy(&args, Some(Change::NoLStay))?,
+        Command::Setspeed { speed } => policy(&args, Some(Change::SetSpeed(speed)))?,
+        Command::Policy => policy(&args, None)?,
+        Command::Expel => match ask_migd(&args, &control::Request::Expel)? {
+            control::Response::Expelled { moved, failed } => {
+                println!("{moved} guest(s) sent away; this node now blocks guests");
+                for f in &failed {
+                    println!("could not send away {f}");
+                }
+                if !failed.is_empty() {
+                    bail!("{} guest(s) could not go", failed.len());
+                }
+            }
+            other => bail!("migd answered an expel request with {other:?}"),
+        },
+        Command::Pin { pid } | Command::Unpin { pid } => {
+            let pinned = matches!(args.command, Command::Pin { .. });
+            match ask_migd(&args, &control::Request::Pin { home_pid: pid, pinned })? {
+                control::Response::Pinned { home_pid, pinned } => {
+                    println!("{home_pid} {}", if pinned { "is pinned: it moves only when asked" } else { "may move by itself again" });
+                }
+                other => bail!("migd answered a pin request with {other:?}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends `request` to this node's migd and returns its answer; a refusal is an error with migd's words.
+fn ask_migd(args: &Args, request: &control::Request) -> anyhow::Result<control::Response> {
+    let socket = rmosix_mosctl::migd_socket(None, args.config.as_deref())?;
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket)
+        .with_context(|| format!("cannot reach migd at {} (is migd running?)", socket.display()))?;
+    control::send(&mut stream, request)?;
+    match control::recv::<control::Response>(&mut stream).context("migd did not answer")? {
+        control::Response::Refused { message, .. } => bail!("{message}"),
+        response => Ok(response),
+    }
+}
+
+/// Shows this node's policy after `change`, if any.
+fn policy(args: &Args, change: Option<Change>) -> anyhow::Result<()> {
+    match ask_migd(args, &control::Request::Policy { change })? {
+        control::Response::Policy { node, policy } => println!("node {node}: {}", policy.words()),
+        other => bail!("migd answered a policy request with {other:?}"),
     }
     Ok(())
 }
