@@ -1,7 +1,8 @@
 //! Jobs spread by themselves: on a cluster whose migds balance (`[balance] auto`), CPU-bound jobs started
 //! by an ordinary user on one node move to an idle one without anyone typing `migrate`, and come out whole;
 //! an I/O-bound job, a job started with `mosrun -h` or `-L`, and any job when the other node blocks guests
-//! stay where they are; `migrate PID balance` on a balanced cluster leaves the job where it runs.
+//! stay where they are; `migrate PID balance` on a balanced cluster leaves the job where it runs; a node
+//! running short of memory sends a job away before the kernel kills one.
 
 use std::process::{Child, Command, Stdio};
 
@@ -258,4 +259,49 @@ fn a_pinned_job_stays_until_unpinned_and_expel_sends_guests_home() {
     assert_eq!(record(&c, pids[0])["migrations"], 2);
     assert_eq!(mosctl(&c, 2, &["policy"]), "node 2: block\n");
     all_whole(jobs_, &SPIN);
+}
+
+/// A python job that grows by 4 MiB every half second to `steps` * 4 MiB, holds it a few seconds, and
+/// prints as it goes: mostly asleep, so only its memory can move it.
+const GROWER: &str = "import sys, time\nheld = []\nfor i in range(int(sys.argv[1])):\n    held.append(bytes([i % 251 + 1]) * (4 << 20))\n    print(i, flush=True)\n    time.sleep(0.5)\ntime.sleep(3)\nprint('held', sum(len(h) for h in held), flush=True)\n";
+
+#[test]
+fn a_node_short_of_memory_sends_a_job_away_before_any_is_killed() {
+    // Three jobs that each grow to 240 MiB on node 1 of 640 MiB (and no swap): without ushering the kernel
+    // kills one.
+    let spec = Spec { balance: true, mem_limit: 640 << 20, ..Spec::new("balmem", 2, bin_dir_of_current_test()) };
+    let c = Cluster::up(spec).unwrap();
+    // Usher early enough that a job's images (on a tmpfs, in the node's memory) fit while it is dumped.
+    for node in 1..=2 {
+        let config = c.config(node);
+        let text = std::fs::read_to_string(&config).unwrap().replace("[balance]\n", "[balance]\nusher_below = 0.35\n");
+        std::fs::write(&config, text).unwrap();
+        c.kill_daemon(node, "migd").unwrap();
+        c.start_migd(node).unwrap();
+    }
+    let u = test_user().unwrap();
+    let steps = 60;
+    let growers: Vec<(Child, Lines)> = (0..3)
+        .map(|_| {
+            let mut child = c
+                .command_as(1, &u, "mosrun")
+                .unwrap()
+                .args(["/usr/bin/python3", "-c", GROWER, &steps.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let lines = Lines::of(&mut child);
+            (child, lines)
+        })
+        .collect();
+    let pids: Vec<u32> = growers.iter().map(|(child, _)| child.id()).collect();
+    let expected = (0..steps).map(|i: u32| i.to_string()).collect::<Vec<_>>().join("\n") + &format!("\nheld {}\n", steps * (4 << 20));
+    for (mut child, lines) in growers {
+        let status = child.wait().unwrap();
+        assert!(status.success(), "a job did not survive: {status:?}");
+        assert_eq!(lines.finish(), expected);
+    }
+    let moved: Vec<Value> = pids.iter().map(|&p| record(&c, p)).filter(|r| r["migrations"].as_u64() > Some(0)).collect();
+    assert!(!moved.is_empty(), "no job left node 1: {:?}", pids.iter().map(|&p| record(&c, p)).collect::<Vec<_>>());
 }
