@@ -260,8 +260,14 @@ pub enum Response {
     Moved { home_pid: i32, from: u32, to: u32, seconds: f64, frozen: f64 },
     /// `migrate PID balance` left the job where it runs, and why.
     Stayed { home_pid: i32, node: u32, why: String },
-    /// The node's policy, as it is now.
-    Policy { node: u32, policy: crate::policy::NodePolicy },
+    /// The node's policy, as it is now, and what keeps its balancer from acting when that is worth
+    /// saying (memory short and no job can go).
+    Policy {
+        node: u32,
+        policy: crate::policy::NodePolicy,
+        #[serde(default)]
+        stuck: Option<String>,
+    },
     /// What `expel` did: the guests sent away, and those that could not go (each with why).
     Expelled { moved: u32, failed: Vec<String> },
     /// A job is pinned (or not) where it runs.

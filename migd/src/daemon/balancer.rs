@@ -39,6 +39,8 @@ pub(super) struct BalancerState {
     transfer_bps: Mutex<f64>,
     /// The last reason nothing moved, as logged (a change is logged, a repeat is not).
     last_stay: Mutex<String>,
+    /// Memory is short here and no job can go: why (for `mosctl status`).
+    stuck: Mutex<Option<String>>,
     /// Moves started by the balancer, by the usher, and those that failed.
     pub(super) balanced: AtomicU64,
     pub(super) ushered: AtomicU64,
@@ -176,6 +178,7 @@ impl Daemon {
     /// quietly; each reason once until it changes.
     fn stayed(&self, stay: &Stay) {
         let text = stay.to_string();
+        *self.balancer.stuck.lock().expect("stuck") = matches!(stay, Stay::MemoryStuck(_)).then(|| text.clone());
         let mut last = self.balancer.last_stay.lock().expect("last stay");
         if *last == text {
             return;
@@ -209,6 +212,7 @@ impl Daemon {
             balance::Why::Memory => self.balancer.ushered.fetch_add(1, Ordering::Relaxed),
         };
         self.balancer.last_stay.lock().expect("last stay").clear();
+        *self.balancer.stuck.lock().expect("stuck") = None;
         let started = Instant::now();
         match self.move_runner(runner, m.to) {
             Ok(_) => {
@@ -224,6 +228,11 @@ impl Daemon {
                 self.balancer.avoid.lock().expect("avoid").insert(m.to, Instant::now());
             }
         }
+    }
+
+    /// Why this node, short of memory, sends nothing away, while that lasts.
+    pub(super) fn stuck(&self) -> Option<String> {
+        self.balancer.stuck.lock().expect("stuck").clone()
     }
 
     /// `migrate PID balance` for the job running here as `runner`: moves it to where it would run best, if

@@ -30,7 +30,9 @@ impl Daemon {
     /// `mosctl` asks for this node's policy, changed by `change` if given: root only for a change.
     pub(super) fn change_policy(&self, uid: u32, change: Option<Change>) -> Result<Response, MoveError> {
         let node = self.me().0;
-        let Some(change) = change else { return Ok(Response::Policy { node, policy: self.policy() }) };
+        let Some(change) = change else {
+            return Ok(Response::Policy { node, policy: self.policy(), stuck: self.stuck() });
+        };
         if uid != 0 {
             return Err(MoveError::new(Refusal::NotRoot, format!("only root may change node {node}'s policy")));
         }
@@ -41,7 +43,7 @@ impl Daemon {
             .map_err(|e| MoveError::new(Refusal::Failed, format!("cannot keep the policy, so it is unchanged: {e}")))?;
         *policy = changed;
         info!(?change, policy = %changed.words(), "node policy changed");
-        Ok(Response::Policy { node, policy: changed })
+        Ok(Response::Policy { node, policy: changed, stuck: self.stuck() })
     }
 
     /// `mosctl expel`: blocks guests, then sends every guest home (or to the best other node that takes it

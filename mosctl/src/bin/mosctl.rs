@@ -101,10 +101,20 @@ fn run(args: Args) -> anyhow::Result<()> {
             let Response::View(view) = ask(&socket()?, &Request::View)? else {
                 bail!("infod answered a status request with something else");
             };
+            // What this node's migd has to say (memory short and nothing can go), when it is there.
+            let stuck = match ask_migd(&args, &control::Request::Policy { change: None }) {
+                Ok(control::Response::Policy { stuck, .. }) => stuck,
+                _ => None,
+            };
             if json {
-                println!("{}", status_json(&view));
+                let mut json = status_json(&view);
+                json["stuck"] = serde_json::json!(stuck);
+                println!("{json}");
             } else {
                 print!("{}", status_table(&view));
+                if let Some(stuck) = stuck {
+                    println!("node {}: {stuck}", view.node);
+                }
             }
         }
         Command::Best { mem } => {
@@ -175,6 +185,9 @@ fn ask_migd(args: &Args, request: &control::Request) -> anyhow::Result<control::
     let socket = rmosix_mosctl::migd_socket(None, args.config.as_deref())?;
     let mut stream = std::os::unix::net::UnixStream::connect(&socket)
         .with_context(|| format!("cannot reach migd at {} (is migd running?)", socket.display()))?;
+    // Expelling guests takes as long as their moves; anything else is answered at once.
+    let limit = if matches!(request, control::Request::Expel) { 600 } else { 10 };
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(limit)))?;
     control::send(&mut stream, request)?;
     match control::recv::<control::Response>(&mut stream).context("migd did not answer")? {
         control::Response::Refused { message, .. } => bail!("{message}"),
@@ -185,7 +198,12 @@ fn ask_migd(args: &Args, request: &control::Request) -> anyhow::Result<control::
 /// Shows this node's policy after `change`, if any.
 fn policy(args: &Args, change: Option<Change>) -> anyhow::Result<()> {
     match ask_migd(args, &control::Request::Policy { change })? {
-        control::Response::Policy { node, policy } => println!("node {node}: {}", policy.words()),
+        control::Response::Policy { node, policy, stuck } => {
+            println!("node {node}: {}", policy.words());
+            if let Some(stuck) = stuck {
+                println!("node {node}: {stuck}");
+            }
+        }
         other => bail!("migd answered a policy request with {other:?}"),
     }
     Ok(())
