@@ -17,8 +17,9 @@
 //!   remaining run is expected to be as long as it has run so far (the heavy tail of process lifetimes that
 //!   Harchol-Balter and Downey measured, and MOSIX used): young jobs stay until they have shown they are
 //!   long. The freeze is the job's resident memory over the measured transfer rate, plus a fixed part.
-//! - the job has stayed here at least [`Params::min_residence`] (no ping-pong), is CPU-bound, may move
-//!   automatically, and the node has room for it in memory without falling below its ushering threshold.
+//! - the job is CPU-bound, may move automatically, has stayed at least [`Params::min_residence`] on this
+//!   node if it came here by a move (no ping-pong; a job that started here is held back by the gain test
+//!   alone), and the node has room for it in memory without falling below its ushering threshold.
 //!
 //! infod's loads are decayed: one rises by `1 - rise` of a change per interval, falls by `1 - fall`. So a
 //! node discounts what its recent moves have not yet shown: a job that left here `a` intervals ago still
@@ -87,6 +88,8 @@ pub struct Job {
     pub age: Duration,
     /// How long it has been on this node.
     pub residence: Duration,
+    /// It came to this node by a move (rather than starting here).
+    pub moved: bool,
 }
 
 /// How the balancer weighs things.
@@ -96,7 +99,7 @@ pub struct Params {
     pub interval: Duration,
     /// The share there must beat the share here by this fraction.
     pub margin: f64,
-    /// A job stays at least this long on a node before the balancer moves it again.
+    /// A job that came to a node by a move stays at least this long there before the balancer moves it again.
     pub min_residence: Duration,
     /// Image bytes a move carries per second (measured by the last moves).
     pub transfer_bps: f64,
@@ -283,7 +286,7 @@ pub fn best_for(job: &Job, me: &Node, others: &[Node], adjusted: &Adjusted, para
 /// outweighs its cost.
 pub fn balance(me: &Node, others: &[Node], jobs: &[Job], adjusted: &Adjusted, params: &Params) -> Result<Move, Stay> {
     let candidates: Vec<&Job> =
-        jobs.iter().filter(|j| j.cpu_bound && j.movable && j.residence >= params.min_residence).collect();
+        jobs.iter().filter(|j| j.cpu_bound && j.movable && (!j.moved || j.residence >= params.min_residence)).collect();
     if candidates.is_empty() {
         return Err(Stay::NothingToMove);
     }
@@ -363,6 +366,7 @@ mod tests {
             rss: 4 << 20,
             age: Duration::from_secs(5),
             residence: Duration::from_secs(5),
+            moved: false,
         }
     }
 
@@ -411,7 +415,7 @@ mod tests {
     fn only_settled_movable_cpu_bound_jobs_move_and_only_to_nodes_that_take_them() {
         let me = node(1, 4.0);
         let idle = [node(2, 0.0)];
-        let fresh = Job { residence: Duration::from_secs(1), ..spinner(1) };
+        let fresh = Job { residence: Duration::from_secs(1), moved: true, ..spinner(1) };
         let pinned = Job { movable: false, ..spinner(2) };
         let io = Job { cpu_bound: false, ..spinner(3) };
         assert_eq!(decide(&me, &idle, &[fresh, pinned, io], &[]), Err(Stay::NothingToMove));

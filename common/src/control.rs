@@ -90,6 +90,14 @@ impl std::fmt::Display for Class {
     }
 }
 
+/// The moves a node's balancer made by itself (`mosctl policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoMoves {
+    pub balanced: u64,
+    pub ushered: u64,
+    pub failed: u64,
+}
+
 /// What travels with every copy of a job besides its identity.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobFacts {
@@ -267,6 +275,10 @@ pub enum Response {
         policy: crate::policy::NodePolicy,
         #[serde(default)]
         stuck: Option<String>,
+        /// Moves this node's migd made by itself since it started: to balance the load, to free memory,
+        /// and those that failed.
+        #[serde(default)]
+        moves: AutoMoves,
     },
     /// What `expel` did: the guests sent away, and those that could not go (each with why).
     Expelled { moved: u32, failed: Vec<String> },

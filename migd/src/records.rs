@@ -32,7 +32,9 @@ use serde::{Deserialize, Serialize};
 /// Version of the on-disk record format. Any change to [`JobRecord`] or [`JobState`] as serialized
 /// (a field added, renamed or retyped, a state added) must bump it: records are decoded strictly, and a
 /// file of another version is reported by [`RecordStore::open`] rather than guessed at.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this version still reads: version 1 lacks `stay_home`, which it reads as false.
+pub const OLDEST_READABLE: u32 = 1;
 
 /// Mode of the records directory: the records hold command lines (which may carry secrets) and only migd
 /// (root) should read or replace them.
@@ -132,6 +134,10 @@ pub struct JobRecord {
     /// When the record last changed; stamped by [`RecordStore`] on every write.
     #[serde(rename = "updated_at_ms", with = "epoch_ms")]
     pub updated_at: SystemTime,
+    /// Started to stay on its home node (`mosrun -h`); kept so a deputy that reattaches keeps it. New in
+    /// version 2.
+    #[serde(default)]
+    pub stay_home: bool,
 }
 
 impl JobRecord {
@@ -219,7 +225,7 @@ pub enum RecordsError {
         source: serde_json::Error,
     },
     /// A record file was written in another format version.
-    #[error("job record {path} has format version {found}; this migd reads version {expected}")]
+    #[error("job record {path} has format version {found}; this migd reads versions 1 to {expected}")]
     UnsupportedVersion { path: PathBuf, found: u32, expected: u32 },
     /// A record file holds the record of another job than its name says.
     #[error("job record {path} holds home PID {found}, not the one its file name says")]
@@ -554,7 +560,7 @@ fn load_record(path: &Path, home_pid: i32) -> Result<JobRecord, RecordsError> {
     let bytes = fs::read(path).map_err(|source| RecordsError::Read { path: path.to_owned(), source })?;
     let corrupt = |source| RecordsError::Corrupt { path: path.to_owned(), source };
     let probe: VersionProbe = serde_json::from_slice(&bytes).map_err(corrupt)?;
-    if probe.format_version != FORMAT_VERSION {
+    if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&probe.format_version) {
         return Err(RecordsError::UnsupportedVersion {
             path: path.to_owned(),
             found: probe.format_version,
@@ -669,6 +675,7 @@ mod tests {
             migrations: 0,
             started_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             updated_at: UNIX_EPOCH,
+            stay_home: false,
         }
     }
 
@@ -783,7 +790,7 @@ mod tests {
         fs::write(dir.join("4.json"), b"\x00\xff garbage").unwrap();
         // A record from a future migd.
         let six = fs::read_to_string(dir.join("6.json")).unwrap();
-        fs::write(dir.join("5.json"), six.replace("\"format_version\": 1", "\"format_version\": 2").replace('6', "5"))
+        fs::write(dir.join("5.json"), six.replace("\"format_version\": 2", "\"format_version\": 3").replace('6', "5"))
             .unwrap();
         // The right version, but a field missing.
         fs::write(dir.join("6.json"), six.replace("\"migrations\": 0,", "")).unwrap();
@@ -814,7 +821,7 @@ mod tests {
         assert_eq!(names, ["3.json", "4.json", "5.json", "6.json", "8.json"]);
         assert!(matches!(problems[0].1, RecordsError::Corrupt { .. }));
         assert!(matches!(problems[1].1, RecordsError::Corrupt { .. }));
-        assert!(matches!(problems[2].1, RecordsError::UnsupportedVersion { found: 2, expected: 1, .. }));
+        assert!(matches!(problems[2].1, RecordsError::UnsupportedVersion { found: 3, expected: 2, .. }));
         assert!(matches!(problems[3].1, RecordsError::Corrupt { .. }));
         assert!(matches!(problems[4].1, RecordsError::PidMismatch { found: 1, .. }));
         // Left in place for inspection.

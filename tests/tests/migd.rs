@@ -489,3 +489,30 @@ fn a_job_holding_a_tcp_socket_is_refused_with_the_reason_and_runs_on() {
     assert!(child.wait().unwrap().success());
     assert_eq!(lines.finish(), reference(&args));
 }
+
+#[test]
+fn a_job_started_to_stay_home_stays_home_after_migd_restarts_and_cannot_start_elsewhere() {
+    let c = cluster("mstay", 2);
+    let contradiction = mosrun(&c, 1).args(["-h", "-N", "2"]).arg(job()).args(["spin", "5", "1"]).output().unwrap();
+    assert_eq!(contradiction.status.code(), Some(125), "{contradiction:?}");
+    let err = String::from_utf8_lossy(&contradiction.stderr);
+    assert!(err.contains("-h keeps the job on its home node, node 1, and -N 2 asks for another"), "{err}");
+
+    let args = ["spin", "400", "2000000"];
+    let mut child = mosrun(&c, 1).arg("-h").arg(job()).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let lines = Lines::of(&mut child);
+    lines.wait_for(5);
+    let stays = format!("migrate: cannot move {pid}: it was started to stay on its home node (mosrun -h)");
+    let out = c.command(1, "migrate").unwrap().args([pid.to_string().as_str(), "2"]).output().unwrap();
+    assert_eq!(refused(&out), stays);
+    // migd restarts; the deputy takes the job up again, and it still stays home.
+    c.kill_daemon(1, "migd").unwrap();
+    let n = lines.count();
+    c.start_migd(1).unwrap();
+    lines.wait_for(n + 10);
+    let out = c.command(1, "migrate").unwrap().args([pid.to_string().as_str(), "2"]).output().unwrap();
+    assert_eq!(refused(&out), stays);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(lines.finish(), reference(&args));
+}

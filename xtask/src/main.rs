@@ -3,6 +3,7 @@
 //! Exit status: 0 on success, 1 on any failure (the error is printed), and for `cluster exec` the status
 //! of the command run on the node.
 
+mod bench_balance;
 mod bench_checkpoint;
 mod bench_classes;
 mod bench_gossip;
@@ -106,6 +107,8 @@ enum Bench {
     Migrate(bench_migrate::MigrateBenchArgs),
     /// What the eBPF probes cost a node's processes (system calls, context switches, CPU), beside no probes.
     Probes(bench_probes::ProbesBenchArgs),
+    /// Makespan of 8 CPU-bound jobs started on one node of a 2-node cluster, balanced vs kept on one node.
+    Balance(bench_balance::BalanceBenchArgs),
 }
 
 /// Options of `cargo xtask bench gossip`.
@@ -244,6 +247,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { bench: Bench::Checkpoint(args) } => bench_checkpoint::run(&args),
         Cmd::Bench { bench: Bench::Migrate(args) } => bench_migrate::run(&args),
         Cmd::Bench { bench: Bench::Probes(args) } => bench_probes::run(&args),
+        Cmd::Bench { bench: Bench::Balance(args) } => bench_balance::run(&args),
         Cmd::Fuzz(args) => fuzz::run(&args),
     }
 }

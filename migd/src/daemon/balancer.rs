@@ -53,9 +53,10 @@ impl Daemon {
         let daemon = Arc::clone(self);
         let spawned = std::thread::Builder::new().name("balance".into()).spawn(move || {
             loop {
-                std::thread::sleep(daemon.balance_params().interval);
-                if daemon.settings.config.balance.auto {
-                    daemon.balance_once();
+                // Right after a move, decide again at once: the move is counted in the loads compared.
+                let moved = daemon.settings.config.balance.auto && daemon.balance_once();
+                if !moved {
+                    std::thread::sleep(daemon.balance_params().interval);
                 }
             }
         });
@@ -123,6 +124,7 @@ impl Daemon {
                     rss: seen.rss,
                     age: now.saturating_sub(Duration::from_secs(r.facts.started)),
                     residence: r.arrived.elapsed(),
+                    moved: r.facts.migrations > 0,
                 };
                 Some((r, job))
             })
@@ -139,15 +141,16 @@ impl Daemon {
     }
 
     /// One decision: usher if memory is short, else balance; at most one move, made before returning.
-    fn balance_once(self: &Arc<Self>) {
+    /// Whether a job moved.
+    fn balance_once(self: &Arc<Self>) -> bool {
         let policy = self.policy();
         if policy.stay {
             self.stayed(&Stay::Policy("this node's policy is stay (mosctl stay)".into()));
-            return;
+            return false;
         }
         let Some((me, others)) = self.balance_nodes() else {
             debug!("infod cannot say what the cluster looks like; nothing moves");
-            return;
+            return false;
         };
         let params = self.balance_params();
         let mut jobs = self.balance_jobs();
@@ -165,12 +168,11 @@ impl Daemon {
             Err(stuck) => Err(stuck),
         };
         match decision {
-            Ok(m) => {
-                if let Some((runner, job)) = jobs.iter().find(|(_, j)| j.key == m.key) {
-                    self.balancer_move(runner, job, &m);
-                }
+            Ok(m) => jobs.iter().find(|(_, j)| j.key == m.key).is_some_and(|(runner, job)| self.balancer_move(runner, job, &m)),
+            Err(stay) => {
+                self.stayed(&stay);
+                false
             }
-            Err(stay) => self.stayed(&stay),
         }
     }
 
@@ -191,8 +193,8 @@ impl Daemon {
         text.clone_into(&mut last);
     }
 
-    /// Makes the move `m` of `job`, running as `runner`, and learns from it.
-    fn balancer_move(self: &Arc<Self>, runner: &Arc<Runner>, job: &balance::Job, m: &Move) {
+    /// Makes the move `m` of `job`, running as `runner`, and learns from it; whether the job moved.
+    fn balancer_move(self: &Arc<Self>, runner: &Arc<Runner>, job: &balance::Job, m: &Move) -> bool {
         info!(
             home_node = m.key.0,
             home_pid = m.key.1,
@@ -217,16 +219,32 @@ impl Daemon {
         match self.move_runner(runner, m.to) {
             Ok(_) => {
                 self.balancer.departures.lock().expect("departures").push((m.to, Instant::now(), job.demand));
-                #[expect(clippy::cast_precision_loss, reason = "bytes as a rate's numerator")]
-                let bps = job.rss as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                let mut rate = self.balancer.transfer_bps.lock().expect("transfer rate");
-                *rate = if *rate > 0.0 { 0.5 * *rate + 0.5 * bps } else { bps };
+                // Small jobs say more about the fixed part of a move than about the rate.
+                if job.rss >= 64 << 20 {
+                    let params = self.balance_params();
+                    let moving = started.elapsed().saturating_sub(params.freeze_overhead).as_secs_f64().max(1e-3);
+                    #[expect(clippy::cast_precision_loss, reason = "bytes as a rate's numerator")]
+                    let bps = job.rss as f64 / moving;
+                    let mut rate = self.balancer.transfer_bps.lock().expect("transfer rate");
+                    *rate = if *rate > 0.0 { 0.5 * *rate + 0.5 * bps } else { bps };
+                }
+                true
             }
             Err(e) => {
                 self.balancer.failed.fetch_add(1, Ordering::Relaxed);
                 warn!(home_pid = m.key.1, to = m.to, error = %e, "the balancer's move failed; node {} is left alone for a while", m.to);
                 self.balancer.avoid.lock().expect("avoid").insert(m.to, Instant::now());
+                false
             }
+        }
+    }
+
+    /// The moves the balancer made since migd started.
+    pub(super) fn auto_moves(&self) -> rmosix_common::control::AutoMoves {
+        rmosix_common::control::AutoMoves {
+            balanced: self.balancer.balanced.load(Ordering::Relaxed),
+            ushered: self.balancer.ushered.load(Ordering::Relaxed),
+            failed: self.balancer.failed.load(Ordering::Relaxed),
         }
     }
 

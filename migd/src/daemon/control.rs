@@ -247,6 +247,7 @@ impl Daemon {
             migrations: 0,
             started_at: now,
             updated_at: now,
+            stay_home: req.options.stay_home,
         };
         if let Err(e) = self.records.insert(record) {
             let _ = job.signal(Signal::SIGKILL);
@@ -316,7 +317,7 @@ impl Daemon {
             refuse(&mut stream, Refusal::NoSuchJob, format!("job {home_pid} ran on this node and ended with migd"));
             return;
         }
-        let Some(home) = self.new_home(home_pid, false, record.migrations, stdout, stderr, &stream) else {
+        let Some(home) = self.new_home(home_pid, record.stay_home, record.migrations, stdout, stderr, &stream) else {
             refuse(&mut stream, Refusal::Failed, "cannot duplicate the deputy's descriptors");
             return;
         };
@@ -333,7 +334,7 @@ impl Daemon {
     pub(super) fn reattach_adopted(self: &Arc<Self>, mut stream: UnixStream, [stdin, stdout, stderr]: [OwnedFd; 3], record: &JobRecord, adopted: Adopted) {
         let (runner, job_stdout, job_stderr, arriving) = adopted;
         let home_pid = record.home_pid;
-        let Some(home) = self.new_home(home_pid, false, record.migrations, stdout, stderr, &stream) else {
+        let Some(home) = self.new_home(home_pid, record.stay_home, record.migrations, stdout, stderr, &stream) else {
             refuse(&mut stream, Refusal::Failed, "cannot duplicate the deputy's descriptors");
             return;
         };

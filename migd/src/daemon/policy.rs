@@ -31,7 +31,7 @@ impl Daemon {
     pub(super) fn change_policy(&self, uid: u32, change: Option<Change>) -> Result<Response, MoveError> {
         let node = self.me().0;
         let Some(change) = change else {
-            return Ok(Response::Policy { node, policy: self.policy(), stuck: self.stuck() });
+            return Ok(Response::Policy { node, policy: self.policy(), stuck: self.stuck(), moves: self.auto_moves() });
         };
         if uid != 0 {
             return Err(MoveError::new(Refusal::NotRoot, format!("only root may change node {node}'s policy")));
@@ -43,7 +43,7 @@ impl Daemon {
             .map_err(|e| MoveError::new(Refusal::Failed, format!("cannot keep the policy, so it is unchanged: {e}")))?;
         *policy = changed;
         info!(?change, policy = %changed.words(), "node policy changed");
-        Ok(Response::Policy { node, policy: changed, stuck: self.stuck() })
+        Ok(Response::Policy { node, policy: changed, stuck: self.stuck(), moves: self.auto_moves() })
     }
 
     /// `mosctl expel`: blocks guests, then sends every guest home (or to the best other node that takes it

@@ -198,8 +198,14 @@ fn ask_migd(args: &Args, request: &control::Request) -> anyhow::Result<control::
 /// Shows this node's policy after `change`, if any.
 fn policy(args: &Args, change: Option<Change>) -> anyhow::Result<()> {
     match ask_migd(args, &control::Request::Policy { change })? {
-        control::Response::Policy { node, policy, stuck } => {
+        control::Response::Policy { node, policy, stuck, moves } => {
             println!("node {node}: {}", policy.words());
+            if change.is_none() {
+                println!(
+                    "node {node}: moved {} job(s) to balance the load and {} to free memory by itself; {} move(s) failed",
+                    moves.balanced, moves.ushered, moves.failed
+                );
+            }
             if let Some(stuck) = stuck {
                 println!("node {node}: {stuck}");
             }
