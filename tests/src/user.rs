@@ -61,12 +61,12 @@ fn create() -> anyhow::Result<TestUser> {
     Ok(TestUser { name: NAME.to_owned(), uid: user.uid.as_raw(), gid: user.gid.as_raw(), groups, home: user.dir })
 }
 
-/// Copies of the workspace's tools (`mosrun`, `migrate`, `mosctl`) from `bin_dir` in a directory every user
-/// can reach, one per build (named after the binaries' sizes and times). Copies older than any test run are
+/// Copies of the workspace's tools (`mosrun`, `migrate`, `mosctl`, and the test job `rmx-job`) from `bin_dir`
+/// in a directory every user can reach, one per build (named after the binaries' sizes and times). Copies older than any test run are
 /// removed; newer ones may belong to tests still running, of this build or another.
 pub fn reachable_tools(bin_dir: &Path) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
-    const TOOLS: [&str; 3] = ["mosrun", "migrate", "mosctl"];
+    const TOOLS: [&str; 4] = ["rmx-job", "mosrun", "migrate", "mosctl"];
     static DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
     let mut cached = DIR.lock().expect("tools lock");
     if let Some(dir) = &*cached {

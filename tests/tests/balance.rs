@@ -16,8 +16,9 @@ fn cluster(name: &str) -> Cluster {
     Cluster::up(spec).unwrap_or_else(|e| panic!("cannot start test cluster {name}: {e:#}"))
 }
 
+/// `rmx-job`, where the test user can reach it.
 fn job() -> std::path::PathBuf {
-    bin_dir_of_current_test().join("rmx-job")
+    rmosix_testcluster::user::reachable_tools(&bin_dir_of_current_test()).unwrap().join("rmx-job")
 }
 
 /// What `rmx-job ARGS` prints when it runs unmoved.

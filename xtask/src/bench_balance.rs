@@ -50,7 +50,8 @@ pub fn run(args: &BalanceBenchArgs) -> anyhow::Result<()> {
     crate::setup::run()?;
     crate::build_release()?;
     let bins = crate::release_bin_dir();
-    let job = bins.join("rmx-job");
+    // Where the ordinary user who runs the jobs can reach it.
+    let job = rmosix_testcluster::user::reachable_tools(&bins)?.join("rmx-job");
     let steps = calibrate(&job, job_secs)?;
     let args_of = [String::from("spin"), steps.to_string(), WORK.to_owned()];
     let reference = Command::new(&job).args(&args_of).output().context("cannot run rmx-job")?;
