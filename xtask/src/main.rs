@@ -4,6 +4,8 @@
 //! of the command run on the node.
 
 mod bench_balance;
+#[allow(dead_code, reason = "not a subcommand yet: main is to register `run` and `SimArgs`")]
+mod bench_balance_sim;
 mod bench_checkpoint;
 mod bench_classes;
 mod bench_gossip;
