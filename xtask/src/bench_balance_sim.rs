@@ -454,6 +454,7 @@ struct WarmStart {
 #[derive(Debug)]
 enum Start {
     /// Nothing running (tests).
+    #[cfg_attr(not(test), expect(dead_code, reason = "only the tests start from an empty cluster"))]
     Empty,
     /// With the jobs of the past, or for no balancing its steady state (see the module's documentation).
     Past,
@@ -825,6 +826,7 @@ struct Outcome {
     /// Mean slowdown (from time averages, see the module's documentation).
     mean: f64,
     /// Of the jobs that ended in the window: how many, their median and 99th percentile slowdown.
+    #[cfg_attr(not(test), expect(dead_code, reason = "the tests check the per-job mean with it"))]
     ended: usize,
     median: f64,
     p99: f64,
@@ -1994,21 +1996,5 @@ mod tests {
         assert!(report(1.12, 0.9).summary().ends_with(": missed"));
         assert!(report(1.08, 1.2).summary().ends_with(": missed"));
         assert!(report(1.08, 0.9).markdown().contains("| rmosix balancing | 1.080 | +8.0 % |"));
-    }
-
-    /// The default run, for a look by hand: `cargo test --release -p xtask balance_sim_by_hand -- --ignored
-    /// --nocapture`, with options in `BALANCE_SIM_ARGS`.
-    #[test]
-    #[ignore = "minutes long"]
-    fn balance_sim_by_hand() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: SimArgs,
-        }
-        let line = std::env::var("BALANCE_SIM_ARGS").unwrap_or_default();
-        let cli = <Cli as clap::Parser>::parse_from(std::iter::once("sim").chain(line.split_whitespace()));
-        let report = run(&cli.args).unwrap();
-        println!("{}\n\n{}", report.markdown, report.summary);
     }
 }

@@ -4,7 +4,6 @@
 //! of the command run on the node.
 
 mod bench_balance;
-#[allow(dead_code, reason = "not a subcommand yet: main is to register `run` and `SimArgs`")]
 mod bench_balance_sim;
 mod bench_checkpoint;
 mod bench_classes;
@@ -111,6 +110,8 @@ enum Bench {
     Probes(bench_probes::ProbesBenchArgs),
     /// Makespan of 8 CPU-bound jobs started on one node of a 2-node cluster, balanced vs kept on one node.
     Balance(bench_balance::BalanceBenchArgs),
+    /// Load balancing on simulated clusters of 64 to 10,000 nodes, beside placement only and an omniscient scheduler.
+    BalanceSim(bench_balance_sim::SimArgs),
 }
 
 /// Options of `cargo xtask bench gossip`.
@@ -250,6 +251,13 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { bench: Bench::Migrate(args) } => bench_migrate::run(&args),
         Cmd::Bench { bench: Bench::Probes(args) } => bench_probes::run(&args),
         Cmd::Bench { bench: Bench::Balance(args) } => bench_balance::run(&args),
+        Cmd::Bench { bench: Bench::BalanceSim(args) } => {
+            let report = bench_balance_sim::run(&args)?;
+            println!("## {}\n\n{}", bench_balance_sim::TITLE, report.markdown);
+            benchmarks::update_section("balance-sim", bench_balance_sim::TITLE, &report.markdown)?;
+            println!("{}", report.summary);
+            Ok(())
+        }
         Cmd::Fuzz(args) => fuzz::run(&args),
     }
 }
