@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::records::{JobRecord, JobState};
 use crate::{protocol, relay};
-use super::home::Location;
+use super::home::{HomeJob, Location};
 use super::runner::{Runner, Whose};
 use super::{Adopted, Daemon, MoveError, StartError};
 
@@ -366,7 +366,9 @@ impl Daemon {
         }
     }
 
-    pub(super) fn migrate(self: &Arc<Self>, peer: Peer, home_pid: i32, target: Target) -> Result<Response, MoveError> {
+    /// The live job homed here with home PID `home_pid`, its record and its `HomeJob`, if `uid` (root, or
+    /// the job's owner) may `verb` it.
+    pub(super) fn owned_job(&self, uid: u32, home_pid: i32, verb: &str) -> Result<(JobRecord, Arc<HomeJob>), MoveError> {
         let record = self
             .records
             .get(home_pid)
@@ -374,10 +376,10 @@ impl Daemon {
             .ok_or_else(|| MoveError::new(Refusal::NoSuchJob, format!(
                 "no job of this node has home PID {home_pid} (give the PID of the job's mosrun, on the node where mosrun runs)"
             )))?;
-        if peer.uid != 0 && peer.uid != record.uid {
+        if uid != 0 && uid != record.uid {
             return Err(MoveError::new(
                 Refusal::NotYours,
-                format!("it is not your job (it belongs to {}); only its owner or root may move it", user_name(record.uid)),
+                format!("it is not your job (it belongs to {}); only its owner or root may {verb} it", user_name(record.uid)),
             ));
         }
         let home = self
@@ -387,6 +389,11 @@ impl Daemon {
             .get(&home_pid)
             .cloned()
             .ok_or_else(|| MoveError::new(Refusal::NoSuchJob, format!("job {home_pid} has ended or is ending")))?;
+        Ok((record, home))
+    }
+
+    pub(super) fn migrate(self: &Arc<Self>, peer: Peer, home_pid: i32, target: Target) -> Result<Response, MoveError> {
+        let (record, home) = self.owned_job(peer.uid, home_pid, "move")?;
         if home.stay_home {
             return Err(MoveError::new(Refusal::StaysHome, "it was started to stay on its home node (mosrun -h)"));
         }

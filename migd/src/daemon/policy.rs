@@ -92,19 +92,7 @@ impl Daemon {
 
     /// `mosctl pin|unpin PID` on the job's home node: the job's owner or root.
     pub(super) fn pin(&self, uid: u32, home_pid: i32, pinned: bool) -> Result<Response, MoveError> {
-        let record = self.records.get(home_pid).filter(|r| !r.state.has_ended()).ok_or_else(|| {
-            MoveError::new(Refusal::NoSuchJob, format!("no job of this node has home PID {home_pid}"))
-        })?;
-        if uid != 0 && uid != record.uid {
-            return Err(MoveError::new(Refusal::NotYours, "it is not your job; only its owner or root may pin it"));
-        }
-        let home = self
-            .homes
-            .lock()
-            .expect("homes lock")
-            .get(&home_pid)
-            .cloned()
-            .ok_or_else(|| MoveError::new(Refusal::NoSuchJob, format!("job {home_pid} has ended or is ending")))?;
+        let (record, home) = self.owned_job(uid, home_pid, "pin")?;
         match &*home.location.lock().expect("location") {
             Location::Here(runner) => {
                 runner.pinned.store(pinned, Ordering::Relaxed);
